@@ -1,0 +1,156 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from data import (CORRUPTIONS, BatchLoader, build_datasets, corrupted_test_sets, dataset_info,
+                  split_indices)
+from data.transforms import random_crop_flip
+from tests.fixtures import make_cifar, make_cifar_c, make_tiny_imagenet
+from utils.errors import UserError
+
+
+def test_split_matches_released_index_files():
+    # SPEC §3: the first entries of the released valid_idx.npy / train_idx.npy.
+    train_idx, val_idx = split_indices(50000)
+    assert len(train_idx) == 45000 and len(val_idx) == 5000
+    assert val_idx[:5].tolist() == [11841, 19602, 45519, 25747, 42642]
+    assert train_idx[:5].tolist() == [19977, 31768, 43126, 29441, 6245]
+    assert len(np.union1d(train_idx, val_idx)) == 50000
+
+
+def test_split_rule_for_other_sizes_keeps_permutation_order():
+    perm = np.random.RandomState(0).permutation(730)
+    train_idx, val_idx = split_indices(730)
+    assert val_idx.tolist() == perm[:73].tolist() and train_idx.tolist() == perm[73:].tolist()
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_pickles_load_into_the_split(tmp_path, name):
+    train_images, train_labels, test_images, test_labels = make_cifar(str(tmp_path), name, n_train=300, n_test=50)
+    splits = build_datasets(name, str(tmp_path))
+    train_idx, val_idx = split_indices(300)
+    assert np.array_equal(splits.train.images, train_images[train_idx])
+    assert np.array_equal(splits.train.labels, train_labels[train_idx])
+    assert np.array_equal(splits.val.images, train_images[val_idx])
+    assert np.array_equal(splits.test.labels, test_labels)
+    assert splits.info.num_classes == (10 if name == "cifar10" else 100)
+    # Items: normalised with the dataset's statistics; training items carry their index.
+    image, label, index = splits.train_eval[7]
+    info = dataset_info(name)
+    expected = (torch.from_numpy(train_images[train_idx[7]]).permute(2, 0, 1).float() / 255
+                - torch.tensor(info.mean).view(3, 1, 1)) / torch.tensor(info.std).view(3, 1, 1)
+    assert torch.allclose(image, expected, atol=1e-6) and label == train_labels[train_idx[7]] and index == 7
+
+
+def test_missing_cifar_is_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match="cifar-10-batches-py"):
+        build_datasets("cifar10", str(tmp_path / "nowhere"))
+
+
+def test_unknown_dataset_lists_valid_names():
+    with pytest.raises(UserError, match="cifar10, cifar100, tiny_imgnet, digits"):
+        build_datasets("mnist", ".")
+
+
+def test_cifar_c_iteration_order_and_blocks(tmp_path):
+    _, _, test_images, test_labels = make_cifar(str(tmp_path), n_train=100, n_test=20)
+    make_cifar_c(str(tmp_path), test_images, test_labels)
+    cells = list(corrupted_test_sets("cifar10", str(tmp_path)))
+    assert [(c, s) for c, s, _ in cells] == [(c, s) for c in CORRUPTIONS for s in range(1, 6)]
+    blocks = np.load(os.path.join(tmp_path, "CIFAR-10-C", "fog.npy"))
+    fog3 = [d for c, s, d in cells if (c, s) == ("fog", 3)][0]
+    assert np.array_equal(fog3.images, blocks[40:60]) and np.array_equal(fog3.labels, test_labels)
+
+
+def test_truncated_npy_names_the_file(tmp_path):
+    _, _, test_images, test_labels = make_cifar(str(tmp_path), n_train=100, n_test=20)
+    directory = make_cifar_c(str(tmp_path), test_images, test_labels)
+    path = os.path.join(directory, "snow.npy")
+    with open(path, "rb") as f:
+        head = f.read(200)
+    with open(path, "wb") as f:
+        f.write(head)
+    with pytest.raises(UserError, match="snow.npy"):
+        list(corrupted_test_sets("cifar10", str(tmp_path)))
+
+
+def test_missing_corruption_file_names_it(tmp_path):
+    _, _, test_images, test_labels = make_cifar(str(tmp_path), n_train=100, n_test=20)
+    directory = make_cifar_c(str(tmp_path), test_images, test_labels, corruptions=CORRUPTIONS[:3])
+    with pytest.raises(UserError, match=os.path.join(directory, CORRUPTIONS[3] + ".npy")):
+        list(corrupted_test_sets("cifar10", str(tmp_path)))
+
+
+@pytest.mark.parametrize("official_val", [True, False])
+def test_tiny_imagenet_class_index_is_sorted_wnid_position(tmp_path, official_val):
+    tiny, sorted_wnids = make_tiny_imagenet(str(tmp_path), num_classes=3, train_per_class=10,
+                                            val_per_class=2, official_val=official_val)
+    splits = build_datasets("tiny_imgnet", str(tmp_path))  # the parent folder is accepted too
+    assert len(splits.train) + len(splits.val) == 30 and len(splits.val) == 3
+    assert sorted(splits.test.labels.tolist()) == [0, 0, 1, 1, 2, 2]
+    # Fixture images carry their class in the red channel: label*60.
+    for dataset in (splits.train_eval, splits.val, splits.test):
+        red = dataset.images[..., 0].reshape(len(dataset), -1).mean(1)
+        assert np.all(np.abs(red - dataset.labels * 60) < 12)
+    official = build_datasets("tiny_imgnet", tiny, tiny_val="official")
+    assert len(official.train) == 30 and np.array_equal(official.val.labels, official.test.labels)
+
+
+def test_tiny_imagenet_c_uses_the_same_mapping(tmp_path):
+    make_tiny_imagenet(str(tmp_path), num_classes=3, train_per_class=2, val_per_class=1, with_c=True)
+    cells = list(corrupted_test_sets("tiny_imgnet", str(tmp_path)))
+    assert len(cells) == 75 and cells[0][:2] == ("gaussian_noise", 1) and cells[-1][:2] == ("jpeg_compression", 5)
+    for _, _, dataset in cells[:3]:
+        red = dataset.images[..., 0].reshape(len(dataset), -1).mean(1)
+        assert np.all(np.abs(red - dataset.labels * 60) < 12)
+
+
+def test_tiny_imagenet_wrong_image_size_names_the_file(tmp_path):
+    tiny, sorted_wnids = make_tiny_imagenet(str(tmp_path), num_classes=2, train_per_class=2, val_per_class=1)
+    from PIL import Image
+    bad = os.path.join(tiny, "train", sorted_wnids[1], "images", f"{sorted_wnids[1]}_0.JPEG")
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(bad)
+    with pytest.raises(UserError, match=r"_0\.JPEG' is 32x32, expected 64x64"):
+        build_datasets("tiny_imgnet", tiny)
+
+
+def test_missing_tiny_imagenet_is_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match="wnids.txt"):
+        build_datasets("tiny_imgnet", str(tmp_path))
+
+
+def test_random_crop_flip_produces_only_valid_crops():
+    # Brute force: every output must equal one of the (2p+1)^2 x 2 crops of the zero-padded input.
+    rng = np.random.RandomState(0)
+    images = rng.randint(0, 256, size=(16, 3, 6, 6)).astype(np.uint8)
+    out = random_crop_flip(torch.from_numpy(images), 2, True, torch.Generator().manual_seed(0)).numpy()
+    seen_offsets, seen_flips = set(), set()
+    for image, result in zip(images, out):
+        padded = np.pad(image, ((0, 0), (2, 2), (2, 2)))
+        matches = [(dy, dx, flip) for dy in range(5) for dx in range(5) for flip in (False, True)
+                   if np.array_equal(result, (padded[:, dy:dy + 6, dx:dx + 6][:, :, ::-1] if flip
+                                              else padded[:, dy:dy + 6, dx:dx + 6]))]
+        assert matches, "augmented image is not a crop of the padded input"
+        seen_offsets.add(matches[0][:2])
+        seen_flips.add(matches[0][2])
+    assert len(seen_offsets) > 4 and seen_flips == {False, True}
+
+
+def test_batch_loader_is_a_pure_function_of_seed_and_epoch(tmp_path):
+    make_cifar(str(tmp_path), n_train=300, n_test=10)
+    train = build_datasets("cifar10", str(tmp_path)).train
+    loader = BatchLoader(train, batch_size=64, device="cpu", shuffle=True, seed=13)
+    assert len(loader) == 5  # 270 samples: the last partial batch is kept
+
+    def run(epoch):
+        loader.set_epoch(epoch)
+        return [(x.clone(), y.clone(), i.clone()) for x, y, i in loader]
+    first, again, other = run(3), run(3), run(4)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) for a, b in zip(first, again))
+    assert not torch.equal(first[0][2], other[0][2])
+    indices = torch.cat([i for _, _, i in first])
+    assert sorted(indices.tolist()) == list(range(270))
+    labels = torch.cat([y for _, y, _ in first])
+    assert torch.equal(labels, torch.from_numpy(train.labels)[indices])

@@ -1,0 +1,1 @@
+"""Shared helpers: errors, devices, arguments, checkpoints, the training and measurement engines."""

@@ -1,0 +1,73 @@
+"""Argument groups shared by the entry scripts, so every script spells a flag the same way."""
+import argparse
+
+DATASET_CHOICES = ("cifar10", "cifar100", "tiny_imgnet", "digits")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults in --help and keep the description's line breaks."""
+
+
+class FriendlyParser(argparse.ArgumentParser):
+    """argparse already prints one usage line and the error, then exits with status 2."""
+
+
+def str2bool(value):
+    """Parse the release's string booleans (``--sam True``) and the usual spellings."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "t", "yes", "y", "1"):
+        return True
+    if text in ("false", "f", "no", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got '{value}'")
+
+
+def make_parser(description):
+    return FriendlyParser(description=description, formatter_class=HelpFormatter)
+
+
+def add_data_args(parser, flag="--data"):
+    """``flag`` is ``--data`` for main.py and ``--dataset`` for the measure scripts (released names)."""
+    group = parser.add_argument_group("data")
+    group.add_argument(flag, dest="data" if flag == "--data" else "dataset", default="digits"
+                       if flag == "--data" else "digits", choices=DATASET_CHOICES,
+                       help="dataset; digits is embedded (scikit-learn 8x8 digits, no download)")
+    group.add_argument("--data_path", default="./datasets",
+                       help="dataset root (CIFAR: torchvision layout; Tiny-ImageNet: the "
+                            "tiny-imagenet-200 folder or its parent; -C sets in <data_path>/CIFAR-10-C etc.)")
+    group.add_argument("--corrupt_path", default=None,
+                       help="root holding CIFAR-10-C / CIFAR-100-C / Tiny-ImageNet-C / digits-C "
+                            "(default: --data_path)")
+    group.add_argument("--tiny_val", default="holdout", choices=("holdout", "official"),
+                       help="Tiny-ImageNet validation: holdout = 10%% of train (paper); "
+                            "official = the official val folder, also the test set (release)")
+    group.add_argument("--num-workers", dest="num_workers", type=int, default=0,
+                       help="data-loading worker processes (0 = load in the main process)")
+    return group
+
+
+def add_model_args(parser):
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="resnet18", help="architecture: resnet18 or wrn-40-2")
+    group.add_argument("--width", type=int, default=64, help="ResNet18 base width (64 = the paper's)")
+    return group
+
+
+def add_device_args(parser):
+    group = parser.add_argument_group("device")
+    group.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    return group
+
+
+def parse_seeds(values):
+    """``--seed 13 17 27`` and ``--seed "13 17 27"`` (the release's quoted form) give [13, 17, 27]."""
+    seeds = []
+    for value in values:
+        for token in str(value).replace(",", " ").split():
+            try:
+                seeds.append(int(token))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"--seed expects integers, got '{token}'") from None
+    return seeds
