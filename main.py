@@ -1,0 +1,121 @@
+"""Train an ensemble (one member per seed): deep ensemble, DE + SAM, or SharpBalance.
+
+    python main.py --data digits --seed 13 17 27 --epochs 30 --save_path runs/de
+    python main.py --data digits --seed 13 17 27 --epochs 30 --sam True --rho 0.05 --save_path runs/sam
+    python main.py --data digits --seed 13 17 27 --epochs 30 --sam True --rho 0.05 \\
+        --flat_ratio 0.5 --initial_epochs 14 --save_path runs/sharpbalance
+
+Rerunning the same command resumes every member from its last completed epoch. Several processes:
+``torchrun --nproc_per_node=K main.py ...`` spreads the members over K ranks (round-robin).
+"""
+import os
+import sys
+
+import numpy as np
+
+from data import BatchLoader, build_datasets
+from utils.args import (add_data_args, add_device_args, add_model_args, make_parser, parse_seeds,
+                        str2bool)
+from utils.device import select_device
+from utils.distributed import destroy, dist_env, init_distributed
+from utils.errors import UserError, run_main
+from utils.sharpbalance import SELECT_CHOICES, SPLIT_RULE_CHOICES, TRAIN_SUBSET_CHOICES
+
+
+def get_parser():
+    parser = make_parser(__doc__)
+    add_data_args(parser, flag="--data")
+    add_model_args(parser)
+    add_device_args(parser)
+    opt = parser.add_argument_group("optimisation (released defaults)")
+    opt.add_argument("--epochs", type=int, default=200)
+    opt.add_argument("--lr", type=float, default=0.1)
+    opt.add_argument("--lrsche", default="multistep", choices=("multistep", "cosine"),
+                     help="multistep: x0.1 at epochs/2 and 3*epochs/4; cosine over all epochs")
+    opt.add_argument("--batch_size", type=int, default=128)
+    opt.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, default=500)
+    opt.add_argument("--momentum", type=float, default=0.9)
+    opt.add_argument("--weight_decay", type=float, default=5e-4)
+    sb = parser.add_argument_group("SAM and SharpBalance")
+    sb.add_argument("--sam", type=str2bool, default=False, metavar="{True,False}", help="train with SAM")
+    sb.add_argument("--rho", type=float, default=0.05, help="SAM neighbourhood radius")
+    sb.add_argument("--flat_ratio", type=float, default=0.0,
+                    help="SharpBalance: fraction k of samples each member marks (0 = plain DE / DE+SAM)")
+    sb.add_argument("--initial_epochs", type=int, default=-1,
+                    help="SAM on all data for initial_epochs+1 epochs, then split once")
+    sb.add_argument("--train_subset", default="boosting", choices=TRAIN_SUBSET_CHOICES,
+                    help="boosting = SharpBalance; random / same = the paper's ablations")
+    sb.add_argument("--select", default="flattest", choices=SELECT_CHOICES,
+                    help="flattest = released code; sharpest = the paper's Figure 6 reading")
+    sb.add_argument("--split_rule", default="auto", choices=SPLIT_RULE_CHOICES,
+                    help="leftover samples: auto = boost for cifar10, share otherwise (released)")
+    sb.add_argument("--freeze_bn_on_perturbed", type=str2bool, default=False, metavar="{True,False}",
+                    help="keep BatchNorm running statistics fixed on SAM's perturbed pass (release: False)")
+    sb.add_argument("--score_chunk", type=int, default=64, help="samples per vmap chunk when scoring")
+    run = parser.add_argument_group("run")
+    run.add_argument("--seed", nargs="+", default=["13", "17", "27"],
+                     help='one member per seed: --seed 13 17 27 or --seed "13 17 27"')
+    run.add_argument("--save_path", default=None, help="run directory (default: runs/<data>_<method>)")
+    run.add_argument("--resume", default=None,
+                     help="run directory to resume from or evaluate (default: --save_path; rerunning resumes)")
+    run.add_argument("--evaluate", action="store_true", help="only evaluate the checkpoints (val and test)")
+    run.add_argument("--print-freq", dest="print_freq", type=int, default=50, help="progress-bar update period (batches)")
+    run.add_argument("--no_progress", action="store_true", help="no progress bars (one summary line per epoch)")
+    return parser
+
+
+def check_args(args):
+    try:
+        args.seeds = parse_seeds(args.seed)
+    except Exception as err:  # noqa: BLE001
+        raise UserError(str(err)) from None
+    if not args.seeds:
+        raise UserError("--seed needs at least one seed")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise UserError(f"--seed has duplicates ({' '.join(map(str, args.seeds))}); members need distinct seeds")
+    if not 0 <= args.flat_ratio < 1:
+        raise UserError(f"--flat_ratio must be in [0, 1), got {args.flat_ratio}")
+    if not args.rho >= 0:
+        raise UserError(f"--rho must be >= 0, got {args.rho}")
+    for flag in ("epochs", "batch_size", "eval_batch_size", "score_chunk"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
+    if args.flat_ratio > 0 and not args.sam:
+        raise UserError("--flat_ratio > 0 is SharpBalance, which needs --sam True")
+    if args.flat_ratio > 0 and args.initial_epochs + 1 >= args.epochs:
+        raise UserError(f"--initial_epochs {args.initial_epochs} with --epochs {args.epochs}: the split happens "
+                        f"after initial_epochs+1 epochs and would never happen; use --initial_epochs < {args.epochs - 1}")
+    if args.initial_epochs < -1:
+        raise UserError(f"--initial_epochs must be >= -1, got {args.initial_epochs}")
+    if args.save_path is None:
+        from utils.training import method_name
+        args.save_path = os.path.join("runs", f"{args.data}_{method_name(args)}")
+
+
+def evaluate_run(args, splits, device):
+    """Print each member's and the ensemble's validation and test accuracy."""
+    from utils.ensemble import ensemble_summary  # noqa: F401 - shared with the measure scripts
+    directory = args.resume or args.save_path
+    ensemble_summary(directory, args.seeds, splits, device, eval_batch_size=args.eval_batch_size)
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    check_args(args)
+    rank, world_size, local_rank = dist_env()
+    device = select_device(args.device, local_rank=local_rank)
+    splits = build_datasets(args.data, args.data_path, tiny_val=args.tiny_val, download=(rank == 0))
+    if args.evaluate:
+        return evaluate_run(args, splits, device)
+    rank, world_size = init_distributed(device)
+    from utils.training import run_training
+    try:
+        run_training(args, splits, device, rank, world_size)
+    finally:
+        destroy(world_size)
+    if rank == 0:
+        print(f"done: checkpoints and logs in {args.save_path}")
+
+
+if __name__ == "__main__":
+    run_main(main, sys.argv[1:])

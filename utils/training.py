@@ -1,0 +1,255 @@
+"""Training an ensemble: one member per seed, phase by phase, resumable, on one or several processes.
+
+The run is laid out as
+    <save_path>/args.json                    the command's arguments (method keys checked on resume)
+    <save_path>/sharpbalance_split.pt        scores (M, N) and SAM masks (M, N), written once
+    <save_path>/seed_<s>/checkpoint.pth.tar  last completed epoch, everything resume needs
+    <save_path>/seed_<s>/model_best.pth.tar  best validation accuracy so far
+    <save_path>/seed_<s>/log.csv             one row per epoch
+
+Why phase by phase: SharpBalance's split needs every member's scores at the same epoch. Training
+all members to the split, scoring, splitting, then training all to the end means no process ever
+waits on a barrier for another member, and one process can train the whole ensemble.
+"""
+import csv
+import json
+import os
+import platform
+import random
+import time
+
+import numpy as np
+import torch
+
+from data import BatchLoader
+from models import create_model
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.distributed import barrier, gather_member_rows, members_for_rank
+from utils.engine import NonFiniteLoss, evaluate, train_one_epoch
+from utils.errors import UserError
+from utils.sam import SAM
+from utils.sharpbalance import build_sam_masks, per_sample_sharpness, resolve_split_rule
+
+# Arguments that define what is trained: a resumed run must agree on all of them.
+METHOD_KEYS = ("data", "model", "width", "seeds", "epochs", "lr", "lrsche", "batch_size", "momentum",
+               "weight_decay", "sam", "rho", "flat_ratio", "initial_epochs", "train_subset", "select",
+               "split_rule", "freeze_bn_on_perturbed", "tiny_val")
+LOG_FIELDS = ("epoch", "phase", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc",
+              "sam_fraction", "epoch_seconds", "samples_per_second")
+
+
+def method_name(args):
+    if not args.sam:
+        return "deep_ensemble"
+    return "sharpbalance" if args.flat_ratio > 0 else "sam"
+
+
+def split_epoch(args):
+    """The epoch at whose start SharpBalance splits the data, or None when it never does.
+
+    The release checks ``epoch - 1 == initial_epochs`` at the start of each (0-indexed) epoch, so the
+    split follows initial_epochs + 1 epochs of SAM on all data (epoch 0 when initial_epochs = -1).
+    """
+    if args.sam and args.flat_ratio > 0:
+        return args.initial_epochs + 1
+    return None
+
+
+def check_run_directory(args, rank):
+    """Create save_path, write args.json, or compare with the one already there (resume)."""
+    if os.path.exists(args.save_path) and not os.path.isdir(args.save_path):
+        raise UserError(f"--save_path '{args.save_path}' is a file; pass a directory")
+    args_path = os.path.join(args.save_path, "args.json")
+    current = {key: getattr(args, key) for key in METHOD_KEYS}
+    if os.path.isfile(args_path):
+        with open(args_path) as f:
+            previous = json.load(f)
+        differences = [f"{key}: {previous.get(key)!r} -> {current[key]!r}" for key in METHOD_KEYS
+                       if previous.get(key) != current[key]]
+        if differences:
+            raise UserError(f"'{args.save_path}' holds a run with other method arguments ({'; '.join(differences)}); "
+                            "use another --save_path or the original arguments")
+    if rank == 0:
+        os.makedirs(args.save_path, exist_ok=True)
+        record = dict(vars(args))
+        record["versions"] = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+        tmp_path = args_path + ".tmp"
+        with open(tmp_path, "w") as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+        os.replace(tmp_path, args_path)
+
+
+class Member:
+    """One ensemble member: its model, optimizer, schedule, data order and files."""
+
+    def __init__(self, args, position, seed, splits, device):
+        self.args, self.position, self.seed, self.device = args, position, seed, device
+        self.directory = os.path.join(args.save_path, f"seed_{seed}")
+        self.log_path = os.path.join(self.directory, "log.csv")
+        # Everything random about a member comes from its own seed: initialisation here, data order
+        # and augmentation in its BatchLoader. A member trained alone equals it inside an ensemble.
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        self.model = create_model(args.model, splits.info.num_classes, width=args.width, dataset=args.data).to(device)
+        sgd = dict(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        if args.sam:
+            self.optimizer = SAM(self.model.parameters(), torch.optim.SGD, rho=args.rho, **sgd)
+            base = self.optimizer.base_optimizer
+        else:
+            self.optimizer = base = torch.optim.SGD(self.model.parameters(), **sgd)
+        # Schedulers attach to the base optimizer and step once per epoch.
+        if args.lrsche == "cosine":
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=args.epochs)
+        else:
+            milestones = [int(args.epochs / 2), int(args.epochs * 3 / 4)]
+            self.scheduler = torch.optim.lr_scheduler.MultiStepLR(base, milestones=milestones, gamma=0.1)
+        self.train_loader = BatchLoader(splits.train, args.batch_size, device, shuffle=True, seed=seed)
+        self.val_loader = BatchLoader(splits.val, args.eval_batch_size, device)
+        self.epochs_done, self.best_acc, self.sam_mask = 0, 0.0, None
+
+    # -------------------------------------------------------------------------------- state
+    def state(self):
+        return {
+            "state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "epoch": self.epochs_done, "best_acc": self.best_acc,
+            "seed": self.seed, "model": self.args.model, "width": self.args.width, "dataset": self.args.data,
+            "num_classes": self.model.linear.out_features, "method": method_name(self.args),
+            "sam_mask": self.sam_mask, "rng_cpu": torch.get_rng_state(),
+        }
+
+    def resume(self, directory):
+        path = os.path.join(directory, f"seed_{self.seed}", "checkpoint.pth.tar")
+        if not os.path.isfile(path):
+            return False
+        state = load_checkpoint(path, map_location=self.device)
+        self.model.load_state_dict(state["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epochs_done, self.best_acc = int(state["epoch"]), float(state["best_acc"])
+        self.sam_mask = state.get("sam_mask")
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        self._truncate_log()
+        return True
+
+    def _truncate_log(self):
+        """Drop log rows of epochs after the checkpoint (a crash between log and checkpoint)."""
+        if not os.path.isfile(self.log_path):
+            return
+        with open(self.log_path, newline="") as f:
+            rows = [row for row in csv.DictReader(f) if int(row["epoch"]) <= self.epochs_done]
+        self._write_log(rows, mode="w")
+
+    def _write_log(self, rows, mode="a"):
+        os.makedirs(self.directory, exist_ok=True)
+        new_file = mode == "w" or not os.path.isfile(self.log_path)
+        with open(self.log_path, mode, newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            if new_file:
+                writer.writeheader()
+            writer.writerows(rows)
+
+    # ------------------------------------------------------------------------------ training
+    def phase(self, epoch):
+        if not self.args.sam:
+            return "sgd"
+        if self.sam_mask is not None:
+            return "mixed"
+        return "warm-up" if split_epoch(self.args) is not None else "sam"
+
+    def train_until(self, end_epoch, progress=True):
+        args = self.args
+        while self.epochs_done < end_epoch:
+            epoch = self.epochs_done
+            phase = self.phase(epoch)
+            lr = self.scheduler.get_last_lr()[0]
+            desc = f"seed {self.seed} epoch {epoch + 1}/{args.epochs}"
+            stats = train_one_epoch(self.model, self.optimizer, self.train_loader, epoch, use_sam=args.sam,
+                                    sam_mask=self.sam_mask, freeze_bn_on_perturbed=args.freeze_bn_on_perturbed,
+                                    print_freq=args.print_freq, desc=desc, progress=progress)
+            val_loss, val_acc = evaluate(self.model, self.val_loader)
+            self.scheduler.step()
+            self.epochs_done = epoch + 1
+            best_path = os.path.join(self.directory, "model_best.pth.tar")
+            # The first epoch always writes a best file, even at 0% validation accuracy.
+            is_best = val_acc > self.best_acc or not os.path.isfile(best_path)
+            self.best_acc = max(self.best_acc, val_acc)
+            row = dict(epoch=epoch + 1, phase=phase, lr=lr, val_loss=val_loss, val_acc=val_acc,
+                       best_val_acc=self.best_acc, **stats)
+            # Log first, checkpoint second: a crash in between leaves a row that resume truncates.
+            self._write_log([{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}])
+            state = self.state()
+            save_checkpoint(state, os.path.join(self.directory, "checkpoint.pth.tar"))
+            if is_best:
+                save_checkpoint(state, best_path)
+            print(f"[seed {self.seed}] epoch {epoch + 1:3d}/{args.epochs} {phase:7s} lr {lr:.4g} | "
+                  f"train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.4f} | "
+                  f"val loss {val_loss:.4f} acc {val_acc:.4f} | SAM {stats['sam_fraction']:.2f} | "
+                  f"{stats['epoch_seconds']:.1f}s {stats['samples_per_second']:.0f} img/s", flush=True)
+
+
+def compute_split(args, members, all_seeds, splits, device, rank, world_size):
+    """Score every member, share the scores, and return the (M, N) SAM masks (identical on all ranks).
+
+    The split is computed once and saved; a resumed run reads it back instead of rescoring (the
+    models it was computed from no longer exist once training has moved on).
+    """
+    split_path = os.path.join(args.save_path, "sharpbalance_split.pt")
+    for directory in dict.fromkeys([args.resume, args.save_path]):
+        path = os.path.join(directory, "sharpbalance_split.pt") if directory else None
+        if path and os.path.isfile(path):
+            return torch.load(path, weights_only=True)["sam_masks"]
+    num_members, n = len(all_seeds), len(splits.train)
+    if args.train_subset == "boosting":
+        loader = BatchLoader(splits.train_eval, args.eval_batch_size, device)
+        rows = {}
+        for member in members:
+            print(f"[seed {member.seed}] scoring {n} training samples (per-sample gradient norms)", flush=True)
+            rows[member.position] = per_sample_sharpness(member.model, loader, device, chunk_size=args.score_chunk,
+                                                         progress=not args.no_progress, num_samples=n)
+        scores = gather_member_rows(rows, num_members, n, world_size, device)
+    else:
+        scores = torch.zeros(num_members, n)  # the ablations draw their subsets without scores
+    masks = torch.as_tensor(np.asarray(build_sam_masks(
+        scores.numpy(), args.flat_ratio, train_subset=args.train_subset, split_rule=args.split_rule,
+        select=args.select, dataset=args.data, seeds=all_seeds)), dtype=torch.bool)
+    if rank == 0:
+        save_checkpoint({"scores": scores, "sam_masks": masks, "seeds": list(all_seeds),
+                         "flat_ratio": args.flat_ratio, "train_subset": args.train_subset,
+                         "split_rule": resolve_split_rule(args.split_rule, args.data), "select": args.select},
+                        split_path)
+    fractions = ", ".join(f"seed {s}: {float(masks[i].float().mean()):.3f}" for i, s in enumerate(all_seeds))
+    print(f"SharpBalance split done; SAM fraction per member: {fractions}", flush=True)
+    return masks
+
+
+def run_training(args, splits, device, rank=0, world_size=1):
+    """Train this rank's members of the ensemble, phase by phase; returns them."""
+    check_run_directory(args, rank)
+    barrier(world_size)
+    all_seeds = args.seeds
+    members = [Member(args, position, all_seeds[position], splits, device)
+               for position in members_for_rank(len(all_seeds), rank, world_size)]
+    for member in members:
+        if member.resume(args.resume or args.save_path):
+            print(f"[seed {member.seed}] resumed after epoch {member.epochs_done}", flush=True)
+    split_at = split_epoch(args)
+    boundaries = [split_at, args.epochs] if split_at is not None else [args.epochs]
+    for boundary in boundaries:
+        failures = []
+        for member in members:
+            try:
+                member.train_until(boundary, progress=not args.no_progress)
+            except NonFiniteLoss as err:
+                failures.append(f"member seed {member.seed}: {err}; its last good checkpoint "
+                                f"(epoch {member.epochs_done}) is kept; lower --lr or --rho")
+        if failures:
+            raise UserError(" | ".join(failures))
+        if boundary == split_at:
+            # Every rank enters, even one whose members are all resumed past the split, so the
+            # collective inside is matched; with the split file present nobody rescored.
+            masks = compute_split(args, members, all_seeds, splits, device, rank, world_size)
+            for member in members:
+                member.sam_mask = masks[member.position]
+        barrier(world_size)
+    return members
