@@ -239,7 +239,8 @@ def _load_npy(path, what):
 
 
 def _npy_corrupted_sets(directory, corruptions, info, image_size):
-    labels = np.asarray(_load_npy(os.path.join(directory, "labels.npy"), "labels for every corruption"), dtype=np.int64)
+    # np.array copies out of the memory map: a read-only view would make torch warn later.
+    labels = np.array(_load_npy(os.path.join(directory, "labels.npy"), "labels for every corruption"), dtype=np.int64)
     for corruption in corruptions:
         path = os.path.join(directory, f"{corruption}.npy")
         blocks = _load_npy(path, f"severities 1-5 of {corruption}")

@@ -1,0 +1,78 @@
+"""Accuracy, calibration and diversity of an ensemble on validation, test and the -C set.
+
+    python measure_diversity.py --dataset cifar10 --data_path ./datasets --model resnet18 \\
+        --resume runs/sharpbalance --mode predict,disagreement,KL --save results/sharpbalance
+
+Modes (comma-separated):
+  predict       per member and ensemble (probability averaging): accuracy, NLL, ECE (15 bins), Brier
+  disagreement  pairwise disagreement matrix, mean disagreement, DER, EIR
+  KL            pairwise KL(p_i || p_j) matrix between members' predictive distributions
+Every split is: val, test, then each (corruption, severity) cell of the -C set, summarised per
+corruption, per severity and over all cells (OOD = unweighted mean of the cells). The logits of each
+member on each split are computed once and shared by all modes. Output: <save>/<mode>.json and .csv.
+"""
+import itertools
+
+from tqdm import tqdm
+
+from utils import ensemble, metrics
+from utils.errors import run_main
+
+
+# mode -> (report of one split from (logits, labels), how cells combine, members needed)
+MODES = {
+    "predict": (metrics.ensemble_report, metrics.mean_reports, 1),
+    "disagreement": (metrics.diversity_report, metrics.mean_diversity_reports, 2),
+    "KL": (lambda logits, labels: metrics.kl_report(logits), metrics.mean_reports, 2),
+}
+HEADLINE = {"predict": ("ensemble_accuracy", "average_individual_accuracy"),
+            "disagreement": ("mean_disagreement", "DER"), "KL": ("mean_kl",)}
+
+
+def get_parser():
+    parser, group = ensemble.build_parser(__doc__, tuple(MODES), "predict,disagreement", 200)
+    ensemble.add_corruption_args(group)
+    group.add_argument("--logits_dir", default=None,
+                       help="also keep every member's logits here as .npy and reuse them on later runs")
+    return parser
+
+
+def measure(args, modes, members, device, corruptions):
+    """Run every split once through every member; return {mode: (clean reports, cell list)}."""
+    cache = ensemble.LogitCache(members, device, args.eval_batch_size, args.logits_dir)
+    clean = {mode: {} for mode in modes}
+    cells = {mode: [] for mode in modes}
+    splits = itertools.chain(ensemble.clean_splits(args), ensemble.corrupted_splits(args, corruptions))
+    for split in tqdm(splits, total=2 + 5 * len(corruptions), desc="splits"):
+        logits, labels = cache.get(split)
+        for mode in modes:
+            report = MODES[mode][0](logits, labels)
+            if split.kind == "cell":
+                cells[mode].append((split.corruption, split.severity, report))
+            else:
+                clean[mode][split.key] = report
+        cache.drop(split.key)
+    return {mode: (clean[mode], cells[mode]) for mode in modes}
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    modes = ensemble.parse_modes(args.mode, tuple(MODES))
+    corruptions = ensemble.corruption_selection(args)
+    ensemble.check_corruption_files(args, corruptions)
+    device, members, spec = ensemble.open_run(args, min_members=max(MODES[m][2] for m in modes))
+    results = measure(args, modes, members, device, corruptions)
+    meta = ensemble.run_metadata(args, __file__, members, spec, device, corruptions=corruptions,
+                                 ensemble_rule="mean of member softmax probabilities", ece_bins=metrics.ECE_BINS)
+    for mode in modes:
+        clean, cells = results[mode]
+        summary = metrics.summarise_cells(cells, MODES[mode][1])
+        payload = dict(meta=dict(meta, mode=mode), **clean, corruptions=summary)
+        ensemble.write_results(args.save, mode, payload, ensemble.summary_rows(mode, clean, summary))
+        for name, report in list(clean.items()) + ([("ood", summary["ood"])] if summary else []):
+            values = ", ".join(f"{key} {report[key]:.4f}" for key in HEADLINE[mode])
+            print(f"{mode:12s} {name:4s}: {values}", flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)

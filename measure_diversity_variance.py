@@ -1,0 +1,111 @@
+"""Diversity as the variance of the members' logits (SPEC §5).
+
+    python measure_diversity_variance.py --dataset cifar10 --data_path ./datasets --model resnet18 \\
+        --resume runs/sharpbalance --mode variance_mse_c --save results/sharpbalance
+
+Modes (comma-separated):
+  variance_mse_c  V = (1/n) Σ_x Σ_c (1/(M−1)) Σ_m (z_mc(x) − z̄_c(x))² over every corrupted test
+                  image (all corruptions × 5 severities), also per corruption, severity and cell
+  variance_mse    the same on the clean test set
+The data are streamed: each batch goes through all members and is reduced at once, so memory does
+not grow with the number of images. Output: <save>/<mode>.json and .csv.
+"""
+from tqdm import tqdm
+
+from utils import ensemble, metrics
+from utils.errors import UserError, run_main
+
+
+MODES = ("variance_mse_c", "variance_mse")
+
+
+def get_parser():
+    parser, group = ensemble.build_parser(__doc__, MODES, "variance_mse_c", 200)
+    ensemble.add_corruption_args(group)
+    return parser
+
+
+def stream_variance(splits, members, device, batch_size, total=None):
+    """VarianceAccumulator over ``splits``, keyed by split key; one pass, constant memory."""
+    models = [m.model for m in members]
+    accumulator = metrics.VarianceAccumulator()
+    for split in tqdm(splits, total=total, desc="splits"):
+        for logits, _ in ensemble.member_forward(models, split.dataset, batch_size, device, desc=f"variance {split.key}"):
+            accumulator.update(split.key, logits.double().cpu().numpy())
+    return accumulator
+
+
+def _recording(splits, cells):
+    """Pass the splits through, noting (key, corruption, severity) of each."""
+    for split in splits:
+        cells.append((split.key, split.corruption, split.severity))
+        yield split
+
+
+def pooled(accumulator, keys):
+    total = sum(accumulator.totals[k] for k in keys)
+    count = sum(accumulator.counts[k] for k in keys)
+    return total / count if count else float("nan")
+
+
+def corrupted_payload(accumulator, cells):
+    by_corruption, by_severity = {}, {}
+    for key, corruption, severity in cells:
+        by_corruption.setdefault(corruption, []).append(key)
+        by_severity.setdefault(str(severity), []).append(key)
+    overall, per_key, n = accumulator.result()
+    return {"variance_unbias": overall, "n": n,
+            "per_corruption": {c: pooled(accumulator, ks) for c, ks in by_corruption.items()},
+            "per_severity": {s: pooled(accumulator, ks) for s, ks in sorted(by_severity.items())},
+            "cells": per_key}
+
+
+def measure_corrupted(args, members, device, corruptions):
+    """variance_mse_c: pooled over all cells, per corruption, per severity and per cell; tidy rows."""
+    mode, cells = "variance_mse_c", []
+    accumulator = stream_variance(_recording(ensemble.corrupted_splits(args, corruptions), cells),
+                                  members, device, args.eval_batch_size, total=5 * len(corruptions))
+    result = corrupted_payload(accumulator, cells)
+    rows = [dict(mode=mode, split="ood", metric="variance_unbias", value=result["variance_unbias"])]
+    rows += [dict(mode=mode, split="corruption", corruption=c, metric="variance_unbias", value=v)
+             for c, v in result["per_corruption"].items()]
+    rows += [dict(mode=mode, split="severity", severity=s, metric="variance_unbias", value=v)
+             for s, v in result["per_severity"].items()]
+    rows += [dict(mode=mode, split="cell", corruption=c, severity=s, metric="variance_unbias",
+                  value=result["cells"][k]) for k, c, s in cells]
+    return result, rows
+
+
+def measure_clean(args, members, device):
+    """variance_mse: the clean test set."""
+    accumulator = stream_variance(ensemble.clean_splits(args, which=("test",)), members, device,
+                                  args.eval_batch_size)
+    overall, _, n = accumulator.result()
+    rows = [dict(mode="variance_mse", split="test", metric="variance_unbias", value=overall)]
+    return {"variance_unbias": overall, "n": n}, rows
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    modes = ensemble.parse_modes(args.mode, MODES)
+    corruptions = ensemble.corruption_selection(args) if "variance_mse_c" in modes else []
+    if "variance_mse_c" in modes and not corruptions:
+        raise UserError("variance_mse_c needs the -C set; drop --corruptions none or use --mode variance_mse")
+    ensemble.check_corruption_files(args, corruptions)
+    device, members, spec = ensemble.open_run(args, min_members=2)
+    meta = ensemble.run_metadata(args, __file__, members, spec, device,
+                                 definition="mean over inputs of the sum over classes of the unbiased "
+                                            "(1/(M-1)) variance of the raw logits across members")
+    for mode in modes:
+        if mode == "variance_mse_c":
+            result, rows = measure_corrupted(args, members, device, corruptions)
+            payload = dict(meta=dict(meta, mode=mode, corruptions=corruptions), **result)
+        else:
+            result, rows = measure_clean(args, members, device)
+            payload = dict(meta=dict(meta, mode=mode), **result)
+        ensemble.write_results(args.save, mode, payload, rows)
+        print(f"{mode}: variance {result['variance_unbias']:.6g} over {result['n']} images", flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)

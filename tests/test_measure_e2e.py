@@ -1,0 +1,295 @@
+"""measure_diversity.py, measure_diversity_variance.py and measure_sharpness.py end to end.
+
+Fabricated CIFAR-10 + CIFAR-10-C and Tiny-ImageNet(-C) files (tests/fixtures.py) with checkpoints
+written in main.py's format, and digits/digits-C with checkpoints trained by main.py itself.
+"""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import measure_diversity
+import measure_diversity_variance
+import measure_sharpness
+from fixtures import make_cifar, make_cifar_c, make_tiny_imagenet
+from models import create_model
+from utils import ensemble, metrics
+from utils.checkpoint import save_checkpoint
+from utils.errors import run_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEEDS = (13, 17)
+
+
+def save_member(path, seed, width=2, num_classes=10, dataset="cifar10", model="resnet18", with_meta=True):
+    torch.manual_seed(seed)
+    net = create_model(model, num_classes, width=width, dataset=dataset)
+    with torch.no_grad():  # spread the BatchNorm statistics so members really differ
+        for name, buf in net.named_buffers():
+            if name.endswith("running_var"):
+                buf.uniform_(0.5, 2.0)
+    state = {"state_dict": net.state_dict()}
+    if with_meta:
+        state.update(epoch=1, best_acc=0.1, seed=seed, model=model, width=width, dataset=dataset,
+                     num_classes=num_classes)
+    save_checkpoint(state, path)
+    return path
+
+
+def make_run(directory, dataset="cifar10", num_classes=10, seeds=SEEDS, width=2):
+    for seed in seeds:
+        for name in ("model_best.pth.tar", "checkpoint.pth.tar"):
+            save_member(os.path.join(directory, f"seed_{seed}", name), seed, width=width,
+                        num_classes=num_classes, dataset=dataset)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    _, _, test_images, test_labels = make_cifar(str(root), "cifar10", n_train=40, n_test=24)
+    make_cifar_c(str(root), test_images, test_labels, "cifar10")
+    run = make_run(root / "run")
+    return str(root), run
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _run_script(script, args, cwd=ROOT):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # as conftest does in-process
+    return subprocess.run([sys.executable, script] + args, cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def test_readme_commands_run_verbatim(cifar, tmp_path):
+    data, run = cifar
+    save = str(tmp_path / "out")
+    commands = [("measure_diversity.py", "disagreement"), ("measure_diversity_variance.py", "variance_mse_c"),
+                ("measure_sharpness.py", "APGD_worst")]
+    for script, mode in commands:
+        result = _run_script(script, ["--dataset", "cifar10", "--data_path", data, "--model", "resnet18",
+                                      "--resume", run, "--mode", mode, "--save", save])
+        assert result.returncode == 0, result.stderr[-2000:]
+    dis = _load(os.path.join(save, "disagreement.json"))
+    matrix = np.array(dis["test"]["disagreement"])
+    assert matrix.shape == (2, 2) and np.allclose(matrix, matrix.T) and np.all(np.diag(matrix) == 0)
+    assert set(dis["corruptions"]["per_corruption"]) == set(dis["meta"]["corruptions"]) and len(dis["meta"]["corruptions"]) == 15
+    assert dis["meta"]["checkpoints"][0].endswith(os.path.join("seed_13", "model_best.pth.tar"))
+    assert {"torch", "numpy", "python"} <= set(dis["meta"]["versions"])
+    var = _load(os.path.join(save, "variance_mse_c.json"))
+    assert var["variance_unbias"] > 0 and var["n"] == 15 * 5 * 24
+    sharp = _load(os.path.join(save, "APGD_worst.json"))
+    assert sharp["meta"]["rho"] == [0.5] and sharp["meta"]["batch_size"] == 5
+    assert sharp["meta"]["apgd_checkpoints"] == [5, 9, 12, 15, 16, 18, 19]
+    for member in sharp["individual_sharpness"]:
+        assert set(member) == {"l2_0.5", "linf_0.5"}
+        assert all(v["sharpness"] >= 0 for v in member.values())
+    assert not [f for f in os.listdir(save) if f.endswith((".pkl", ".pickle"))]
+
+
+def test_predict_agrees_with_a_direct_computation(cifar, tmp_path, monkeypatch):
+    data, run = cifar
+    calls = []
+    original = ensemble.member_forward
+
+    def counting(models, dataset, *a, **k):
+        calls.append(len(models))
+        return original(models, dataset, *a, **k)
+    monkeypatch.setattr(ensemble, "member_forward", counting)
+    save = str(tmp_path / "out")
+    measure_diversity.main(["--dataset", "cifar10", "--data_path", data, "--resume", run, "--mode",
+                            "predict,disagreement,KL", "--save", save, "--eval-batch-size", "7", "--device", "cpu"])
+    assert calls == [2] * (2 + 75)  # one pass per split for all three modes and both members
+
+    predict = _load(os.path.join(save, "predict.json"))
+    from data import build_datasets
+    test = build_datasets("cifar10", data).test
+    logits = []
+    for path in predict["meta"]["checkpoints"]:
+        state = torch.load(path, weights_only=True)
+        net = create_model("resnet18", 10, width=2).eval()
+        net.load_state_dict(state["state_dict"])
+        with torch.no_grad():
+            logits.append(torch.cat([net(test[i][0][None]) for i in range(len(test))]).double().numpy())
+    logits = np.stack(logits)
+    expected = metrics.ensemble_report(logits, test.labels)
+    for key in ("ensemble_accuracy", "ensemble_loss", "ensemble_ece", "ensemble_brier", "individual_loss"):
+        assert predict["test"][key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6)
+    cells = predict["corruptions"]["cells"]
+    assert len(cells) == 75
+    assert predict["corruptions"]["ood"]["ensemble_accuracy"] == pytest.approx(
+        np.mean([c["ensemble_accuracy"] for c in cells.values()]))
+    assert predict["corruptions"]["per_corruption"]["fog"]["ensemble_loss"] == pytest.approx(
+        np.mean([cells[f"fog_{s}"]["ensemble_loss"] for s in range(1, 6)]))
+    assert predict["corruptions"]["per_severity"]["3"]["individual_accuracy"][1] == pytest.approx(
+        np.mean([c["individual_accuracy"][1] for k, c in cells.items() if k.endswith("_3")]))
+
+    dis = _load(os.path.join(save, "disagreement.json"))
+    assert dis["test"]["mean_disagreement"] == pytest.approx(np.mean(logits[0].argmax(1) != logits[1].argmax(1)))
+    kl = _load(os.path.join(save, "KL.json"))
+    assert np.allclose(kl["test"]["kl"], metrics.kl_matrix(logits), rtol=1e-4, atol=1e-7)
+    with open(os.path.join(save, "predict.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert set(rows[0]) == set(ensemble.CSV_FIELDS)
+    ood = [r for r in rows if r["split"] == "ood" and r["member"] == "ensemble" and r["metric"] == "accuracy"]
+    assert float(ood[0]["value"]) == pytest.approx(predict["corruptions"]["ood"]["ensemble_accuracy"])
+
+
+def test_saved_logits_are_reused(cifar, tmp_path, monkeypatch):
+    data, run = cifar
+    calls = []
+    original = ensemble.member_forward
+    monkeypatch.setattr(ensemble, "member_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    argv = ["--dataset", "cifar10", "--data_path", data, "--resume", run, "--mode", "predict", "--device", "cpu",
+            "--corruptions", "none", "--logits_dir", str(tmp_path / "logits")]
+    measure_diversity.main(argv + ["--save", str(tmp_path / "a")])
+    assert len(calls) == 2 and len(os.listdir(tmp_path / "logits")) == 4
+    measure_diversity.main(argv + ["--save", str(tmp_path / "b")])
+    assert len(calls) == 2
+    first, second = _load(str(tmp_path / "a" / "predict.json")), _load(str(tmp_path / "b" / "predict.json"))
+    assert first["test"] == second["test"] and first["corruptions"] is None
+
+
+def test_variance_streams_to_the_direct_value(cifar, tmp_path):
+    data, run = cifar
+    save = str(tmp_path / "out")
+    argv = ["--dataset", "cifar10", "--data_path", data, "--resume", run, "--save", save, "--device", "cpu",
+            "--eval-batch-size", "5"]
+    measure_diversity_variance.main(argv + ["--mode", "variance_mse_c,variance_mse", "--corruptions", "fog,snow"])
+    var_c = _load(os.path.join(save, "variance_mse_c.json"))
+    var = _load(os.path.join(save, "variance_mse.json"))
+    args = measure_diversity.get_parser().parse_args(argv + ["--corruptions", "fog,snow"])
+    members, _ = ensemble.load_members(args, torch.device("cpu"), 2)
+    cache = ensemble.LogitCache(members, torch.device("cpu"), 11)
+    cell_logits = {s.key: cache.get(s)[0] for s in ensemble.corrupted_splits(args, ["fog", "snow"])}
+    every = np.concatenate(list(cell_logits.values()), axis=1)
+    snow = np.concatenate([cell_logits[f"snow_{s}"] for s in range(1, 6)], axis=1)
+    assert var_c["variance_unbias"] == pytest.approx(metrics.logit_variance(every), rel=1e-5)
+    assert var_c["per_corruption"]["snow"] == pytest.approx(metrics.logit_variance(snow), rel=1e-5)
+    assert var_c["n"] == 10 * 24 and set(var_c["cells"]) == {f"{c}_{s}" for c in ("fog", "snow") for s in range(1, 6)}
+    test_logits = cache.get(next(ensemble.clean_splits(args, which=("test",))))[0]
+    assert var["variance_unbias"] == pytest.approx(metrics.logit_variance(test_logits), rel=1e-5)
+
+
+def test_digits_with_checkpoints_from_main(tmp_path, capsys):
+    import main as train_main
+    data, run, save = str(tmp_path / "data"), str(tmp_path / "run"), str(tmp_path / "out")
+    train_main.main(["--data", "digits", "--data_path", data, "--model", "resnet18", "--width", "4", "--epochs", "1",
+                     "--seed", "13", "17", "--save_path", run, "--device", "cpu", "--no_progress"])
+    train_main.main(["--data", "digits", "--data_path", data, "--seed", "13", "17", "--save_path", run,
+                     "--device", "cpu", "--evaluate"])  # main.py --evaluate goes through ensemble_summary
+    printed = capsys.readouterr().out
+    assert "test: ensemble acc" in printed and "val : ensemble acc" in printed
+    common = ["--dataset", "digits", "--data_path", data, "--model", "resnet18", "--resume", run, "--save", save,
+              "--device", "cpu"]
+    measure_diversity.main(common + ["--mode", "predict", "--checkpoint", "last"])
+    measure_diversity_variance.main(common + ["--mode", "variance_mse_c"])
+    measure_sharpness.main(common + ["--mode", "APGD_worst,APGD_average,fisher", "--batch-num", "2",
+                                     "--avg_draws", "3", "--n_iters", "5", "--norm", "l2", "--rho", "0.1,0.5"])
+    predict = _load(os.path.join(save, "predict.json"))
+    summary_test = [line for line in printed.splitlines() if line.startswith("test:")][0]
+    # after one epoch best and last hold the same weights, so both paths must agree
+    assert f"members {predict['test']['individual_accuracy'][0]:.4f}" in summary_test
+    assert predict["meta"]["checkpoints"][1].endswith(os.path.join("seed_17", "checkpoint.pth.tar"))
+    assert predict["meta"]["member_seeds"] == [13, 17] and predict["meta"]["width"] == 4
+    assert predict["test"]["n"] == 360 and len(predict["corruptions"]["cells"]) == 75
+    assert _load(os.path.join(save, "variance_mse_c.json"))["variance_unbias"] >= 0
+    worst = _load(os.path.join(save, "APGD_worst.json"))
+    average = _load(os.path.join(save, "APGD_average.json"))
+    assert set(worst["mean_sharpness"]) == {"l2_0.1", "l2_0.5"}
+    assert worst["meta"]["sample_indices"] == average["meta"]["sample_indices"]
+    assert len(worst["meta"]["sample_indices"]) == 10
+    fisher = _load(os.path.join(save, "fisher.json"))
+    assert len(fisher["individual_fisher"]) == 2 and all(v > 0 for v in fisher["individual_fisher"])
+
+
+def test_tiny_imagenet_variance_predict_and_sharpness(tmp_path):
+    root = str(tmp_path)
+    make_tiny_imagenet(root, num_classes=3, train_per_class=4, val_per_class=2, with_c=True)
+    run = make_run(tmp_path / "run", dataset="tiny_imgnet", num_classes=200)
+    common = ["--dataset", "tiny_imgnet", "--data_path", root, "--resume", run, "--save", root + "/out",
+              "--device", "cpu"]
+    measure_diversity_variance.main(common + ["--mode", "variance_mse_c"])
+    measure_diversity.main(common + ["--mode", "predict", "--corruptions", "fog"])
+    measure_sharpness.main(common + ["--mode", "fisher", "--batch-num", "2", "--eval-batch-size", "2"])
+    var = _load(os.path.join(root, "out", "variance_mse_c.json"))
+    assert var["n"] == 75 * 3 and var["variance_unbias"] > 0
+    predict = _load(os.path.join(root, "out", "predict.json"))
+    assert predict["test"]["n"] == 6 and len(predict["corruptions"]["cells"]) == 5
+
+
+# ---------------------------------------------------------------------------------- bad input
+def _error_line(capsys, main, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, argv)
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_bad_inputs_give_one_clear_line(cifar, tmp_path, capsys):
+    data, run = cifar
+    base = ["--dataset", "cifar10", "--data_path", data, "--save", str(tmp_path / "o"), "--device", "cpu"]
+    a = save_member(str(tmp_path / "a.pth.tar"), 1, width=2)
+    wide = save_member(str(tmp_path / "b.pth.tar"), 2, width=4)
+    hundred = save_member(str(tmp_path / "c.pth.tar"), 3, num_classes=100, dataset="cifar10")
+    foreign = save_member(str(tmp_path / "d.pth.tar"), 4, width=4, with_meta=False)
+    garbage = tmp_path / "e.pth.tar"
+    garbage.write_bytes(b"not a checkpoint at all")
+
+    line = _error_line(capsys, measure_diversity.main, base + ["--resume", a, wide, "--mode", "predict"])
+    assert "checkpoints differ" in line
+    line = _error_line(capsys, measure_diversity.main, base + ["--resume", a, hundred, "--mode", "predict"])
+    assert "100 classes" in line
+    line = _error_line(capsys, measure_diversity.main, base + ["--resume", a, foreign, "--mode", "predict", "--width", "2"])
+    assert "does not fit" in line and "d.pth.tar" in line
+    line = _error_line(capsys, measure_diversity.main, base + ["--resume", a, str(garbage), "--mode", "predict"])
+    assert "e.pth.tar" in line and "checkpoint" in line
+    line = _error_line(capsys, measure_diversity.main, base + ["--resume", a, "--mode", "disagreement"])
+    assert "at least 2" in line
+    line = _error_line(capsys, measure_diversity_variance.main, base + ["--resume", a, "--mode", "variance_mse_c"])
+    assert "at least 2" in line
+    line = _error_line(capsys, measure_diversity.main, base + ["--resume", run, "--mode", "predict,disagrement"])
+    assert "disagrement" in line and "predict, disagreement, KL" in line
+    line = _error_line(capsys, measure_sharpness.main, base + ["--resume", run, "--mode", "APGD"])
+    assert "APGD_worst, APGD_average, fisher" in line
+    line = _error_line(capsys, measure_diversity.main, base + ["--resume", str(tmp_path / "nothing"), "--mode", "predict"])
+    assert "nothing" in line
+
+    partial = tmp_path / "partial"
+    _, _, images, labels = make_cifar(str(partial), "cifar10", n_train=20, n_test=10)
+    make_cifar_c(str(partial), images, labels, "cifar10", corruptions=["gaussian_noise"])
+    argv = ["--dataset", "cifar10", "--data_path", str(partial), "--resume", run, "--save", str(tmp_path / "o"),
+            "--device", "cpu"]
+    for main, mode in ((measure_diversity.main, "predict"), (measure_diversity_variance.main, "variance_mse_c")):
+        line = _error_line(capsys, main, argv + ["--mode", mode])
+        assert os.path.join("CIFAR-10-C", "shot_noise.npy") in line
+
+
+def test_bad_input_exit_status_from_the_command_line(cifar, tmp_path):
+    data, run = cifar
+    result = _run_script("measure_diversity.py", ["--dataset", "cifar10", "--data_path", data, "--resume", run,
+                                                  "--mode", "predcit", "--save", str(tmp_path)])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown mode 'predcit'; valid modes: predict, disagreement, KL"]
+
+
+def test_run_directory_discovery(tmp_path):
+    run = make_run(tmp_path / "run", seeds=(27, 13, 113))
+    found = ensemble.find_member_checkpoints([run], "best")
+    assert [os.path.basename(os.path.dirname(p)) for p in found] == ["seed_13", "seed_27", "seed_113"]
+    assert ensemble.find_member_checkpoints([os.path.join(run, "seed_27")], "last")[0].endswith(
+        os.path.join("seed_27", "checkpoint.pth.tar"))
+    os.remove(os.path.join(run, "seed_27", "model_best.pth.tar"))
+    with pytest.raises(ensemble.UserError, match="--checkpoint last"):
+        ensemble.find_member_checkpoints([run], "best")
