@@ -92,13 +92,6 @@ def check_args(args):
         args.save_path = os.path.join("runs", f"{args.data}_{method_name(args)}")
 
 
-def evaluate_run(args, splits, device):
-    """Print each member's and the ensemble's validation and test accuracy."""
-    from utils.ensemble import ensemble_summary  # noqa: F401 - shared with the measure scripts
-    directory = args.resume or args.save_path
-    ensemble_summary(directory, args.seeds, splits, device, eval_batch_size=args.eval_batch_size)
-
-
 def main(argv=None):
     args = get_parser().parse_args(argv)
     check_args(args)
@@ -106,7 +99,10 @@ def main(argv=None):
     device = select_device(args.device, local_rank=local_rank)
     splits = build_datasets(args.data, args.data_path, tiny_val=args.tiny_val, download=(rank == 0))
     if args.evaluate:
-        return evaluate_run(args, splits, device)
+        # Loading and ensemble prediction are shared with the measure scripts.
+        from utils.ensemble import ensemble_summary
+        return ensemble_summary(args.resume or args.save_path, args.seeds, splits, device,
+                                eval_batch_size=args.eval_batch_size)
     rank, world_size = init_distributed(device)
     from utils.training import run_training
     try:
