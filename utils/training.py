@@ -206,7 +206,8 @@ def compute_split(args, members, all_seeds, splits, device, rank, world_size):
         for member in members:
             print(f"[seed {member.seed}] scoring {n} training samples (per-sample gradient norms)", flush=True)
             rows[member.position] = per_sample_sharpness(member.model, loader, device, chunk_size=args.score_chunk,
-                                                         progress=not args.no_progress, num_samples=n)
+                                                         progress=not args.no_progress, num_samples=n,
+                                                         backend=args.score_backend)
         scores = gather_member_rows(rows, num_members, n, world_size, device)
     else:
         scores = torch.zeros(num_members, n)  # the ablations draw their subsets without scores

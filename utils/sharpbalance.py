@@ -1,0 +1,535 @@
+"""SharpBalance data split: per-sample sharpness scores and the per-member SAM masks (SPEC §2.1).
+
+Scores: s_m(x) = ‖∇_θ CE(f_θ(x), y)‖²₂ over all trainable parameters of member m, in eval mode.
+Split: every member j marks its K = floor(flat_ratio·N) lowest-scored samples L_j (``flattest``,
+released) or highest (``sharpest``, the paper's Figure 6). Member i trains with SAM on the samples
+the *other* members marked, plus a share of the samples nobody marked, and with the plain loss on
+the rest. All split functions are pure functions of the (M, N) score matrix and return boolean
+masks (M, N), True = SAM sample, so the training loop looks membership up by index.
+"""
+import math
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from utils.errors import UserError
+
+SELECT_CHOICES = ("flattest", "sharpest")
+SPLIT_RULE_CHOICES = ("auto", "share", "boost")
+TRAIN_SUBSET_CHOICES = ("boosting", "random", "same")
+
+
+# --------------------------------------------------------------------------- scores
+#
+# Two exact ways to get s(x) = ‖∇_θ CE(f_θ(x), y)‖²₂ for every sample of a batch, both in eval mode
+# (BatchNorm on running statistics, so samples do not interact and a batch gives each sample's own
+# gradient):
+#
+# ``func``  torch.func: vmap over grad of one sample's loss; each per-sample gradient is reduced
+#           to its squared norm inside the vmapped function. Works for any model torch.func can
+#           trace. Its cost is dominated by the batching rule of the convolution weight gradient.
+# ``hooks`` one ordinary forward and backward pass over the chunk. Forward hooks keep each
+#           layer's input, tensor hooks its output gradient; from those two the per-sample
+#           gradient of the layer's weight and bias follows in closed form:
+#             Linear / Conv2d: weight grad of sample b = Σ_p g_bp a_bpᵀ over output positions p
+#               (a = the input patch seen at p). Its squared norm comes either from the
+#               materialised per-sample gradient (convolutions: one weight-gradient convolution
+#               with a group per sample; Linear: one bmm) or, when the layer has few positions,
+#               from Gram matrices: ‖Σ_p g_p a_pᵀ‖² = Σ_pq (g_p·g_q)(a_p·a_q) (unfold for
+#               convolutions; a Linear on flat features gives ‖g‖²·‖a‖²). Bias grad = Σ_p g_bp.
+#             BatchNorm (eval): weight grad = Σ_p g_bp · x̂_bp with x̂ normalised by the running
+#               statistics, bias grad = Σ_p g_bp, per channel.
+#           Parameters of any other layer (or shared between layers) are scored by ``func`` on the
+#           same chunk, restricted to those parameters; squared norms add over parameters.
+# ``auto``  ``hooks`` when the model allows it, checked once against a plain backward pass on
+#           the first sample; otherwise, or if that check fails, ``func``.
+
+SHARPNESS_BACKENDS = ("auto", "func", "hooks")
+
+
+def _split_parameters(model, names=None):
+    """(trainable, frozen, buffers) as name -> detached tensor; ``names`` narrows "trainable"."""
+    trainable, frozen = {}, {}
+    for name, p in model.named_parameters():
+        wanted = p.requires_grad and (names is None or name in names)
+        (trainable if wanted else frozen)[name] = p.detach()
+    buffers = {name: b.detach() for name, b in model.named_buffers()}
+    return trainable, frozen, buffers
+
+
+def _score_tensor(loader, num_samples):
+    n = len(loader.dataset) if num_samples is None else num_samples
+    return torch.zeros(n, dtype=torch.float32), torch.zeros(n, dtype=torch.bool)
+
+
+def _check_covered(covered):
+    if not bool(covered.all()):
+        missing = int((~covered).sum())
+        raise ValueError(f"the loader did not yield {missing} of {covered.numel()} sample indices; "
+                         "per-sample sharpness needs every training sample exactly once")
+
+
+def _rowwise_squared_norm(t):
+    """(B, ...) -> (B,) float32 sum of squares of each row."""
+    return torch.linalg.vector_norm(t.float().reshape(t.shape[0], -1), dim=1).square()
+
+
+class _FuncScorer:
+    """Per-sample squared gradient norms by ``vmap(grad(...))`` (optionally over some parameters)."""
+
+    def __init__(self, model, names=None):
+        params, frozen, buffers = _split_parameters(model, names)
+        self.params = params
+
+        def sample_loss(trainable, image, target):
+            logits = functional_call(model, (trainable, frozen, buffers), (image.unsqueeze(0),))
+            return F.cross_entropy(logits, target.unsqueeze(0))
+
+        def sample_squared_norm(trainable, image, target):
+            # Reduced here, inside vmap: what leaves the transform is one number per sample.
+            total = torch.zeros((), dtype=torch.float32, device=image.device)
+            for g in grad(sample_loss)(trainable, image, target).values():
+                total = total + torch.linalg.vector_norm(g.float()).square()
+            return total
+
+        # Built once; every chunk reuses the same transformed function.
+        self._batched = vmap(sample_squared_norm, in_dims=(None, 0, 0))
+
+    def __call__(self, images, targets):
+        if not self.params:
+            return torch.zeros(targets.shape[0], dtype=torch.float32, device=images.device)
+        with torch.no_grad():  # torch.func.grad still differentiates; nothing else needs a graph
+            return self._batched(self.params, images, targets)
+
+
+class _HookUnsupported(Exception):
+    """The hooks backend cannot score this model exactly (the reason is the message)."""
+
+
+def _hook_kind(module):
+    """'conv2d', 'linear', 'batchnorm' for layers with a closed-form per-sample gradient, else None.
+
+    Only the stock ``forward`` qualifies: a subclass that changes how the weight is used does not.
+    """
+    forward = type(module).forward
+    if forward is nn.Conv2d.forward:
+        if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+            return "conv2d"
+        return None
+    if forward is nn.Linear.forward:
+        return "linear"
+    if forward is _BatchNorm.forward and module.affine:
+        return "batchnorm"
+    return None
+
+
+def _use_gram(positions, inputs, outputs):
+    """Whether the Gram form beats materialising the (outputs × inputs) per-sample weight gradient.
+
+    Gram: positions²·(inputs + outputs) multiply-adds per sample, materialised:
+    positions·inputs·outputs. The factor 2 favours the Gram form because the materialised path
+    (a convolution with one group per sample) runs well below peak once positions are few
+    (measured on CPU for ResNet18 at widths 16 and 64).
+    """
+    return positions * (inputs + outputs) < 2 * inputs * outputs
+
+
+def _conv_weight_grads(module, x, g):
+    """Per-sample Conv2d weight gradients (B, *weight.shape): one convolution, a group per sample."""
+    batch = x.shape[0]
+    out_channels = module.weight.shape[0]
+    grads = torch.nn.grad.conv2d_weight(
+        x.reshape(1, -1, *x.shape[2:]), (batch * out_channels,) + tuple(module.weight.shape[1:]),
+        g.reshape(1, -1, *g.shape[2:]), stride=module.stride, padding=module.padding,
+        dilation=module.dilation, groups=batch * module.groups)
+    return grads.reshape(batch, *module.weight.shape)
+
+
+def _linear_patches(x, g):
+    """Linear inputs and output gradients as (B, in, P) and (B, out, P); P = positions per sample
+    (every leading dimension after the batch shares the weight; P = 1 for flat features)."""
+    batch = x.shape[0]
+    return (x.reshape(batch, -1, x.shape[-1]).transpose(1, 2),
+            g.reshape(batch, -1, g.shape[-1]).transpose(1, 2))
+
+
+def _gram_squared_norm(a, g):
+    """‖Σ_p g_p a_pᵀ‖² per sample from (B, K, P) inputs and (B, C, P) output gradients."""
+    if a.shape[2] == 1:
+        return _rowwise_squared_norm(a) * _rowwise_squared_norm(g)
+    return (torch.bmm(g.transpose(1, 2), g) * torch.bmm(a.transpose(1, 2), a)).sum(dim=(1, 2))
+
+
+def _batchnorm_grads(module, x, g):
+    """Per-sample (B, C) gradients of a BatchNorm's weight and bias, eval mode."""
+    batch, channels = x.shape[0], x.shape[1]
+    shape = (1, channels) + (1,) * (x.dim() - 2)
+    normalised = (x - module.running_mean.float().view(shape)) * torch.rsqrt(
+        module.running_var.float().view(shape) + module.eps)
+    weight = (g * normalised).reshape(batch, channels, -1).sum(dim=2)
+    bias = g.reshape(batch, channels, -1).sum(dim=2)
+    return weight, bias
+
+
+def _check_batched(kind, x):
+    if kind == "conv2d" and x.dim() != 4:
+        raise _HookUnsupported("Conv2d called without a batch dimension")
+    if kind == "linear" and x.dim() < 2:
+        raise _HookUnsupported("Linear called without a batch dimension")
+
+
+def _layer_grads(kind, module, x, g):
+    """Per-sample gradients (B, ...) of the layer's trainable weight and bias, for one call."""
+    _check_batched(kind, x)
+    want_weight = module.weight.requires_grad
+    want_bias = module.bias is not None and module.bias.requires_grad
+    if kind == "batchnorm":
+        weight, bias = _batchnorm_grads(module, x, g)
+    elif kind == "conv2d":
+        weight = _conv_weight_grads(module, x, g) if want_weight else None
+        bias = g.reshape(g.shape[0], g.shape[1], -1).sum(dim=2) if want_bias else None
+    else:
+        a, g = _linear_patches(x, g)
+        weight = torch.bmm(g, a.transpose(1, 2)) if want_weight else None
+        bias = g.sum(dim=2) if want_bias else None
+    return [t for t, wanted in ((weight, want_weight), (bias, want_bias)) if wanted]
+
+
+def _layer_squared_norm(kind, module, x, g):
+    """(B,) squared norm of the layer's per-sample gradient, for a layer called once."""
+    _check_batched(kind, x)
+    if kind == "batchnorm":
+        return sum(_rowwise_squared_norm(t) for t in _layer_grads(kind, module, x, g))
+    total = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    if module.bias is not None and module.bias.requires_grad:
+        total += _rowwise_squared_norm(g.reshape(g.shape[0], g.shape[1], -1).sum(dim=2) if kind == "conv2d"
+                                       else _linear_patches(x, g)[1].sum(dim=2))
+    if not module.weight.requires_grad:
+        return total
+    if kind == "conv2d":
+        positions = g[0, 0].numel()
+        inputs, outputs = module.weight[0].numel(), module.weight.shape[0]
+        if module.groups == 1 and _use_gram(positions, inputs, outputs):
+            a = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                         stride=module.stride)
+            total += _gram_squared_norm(a, g.reshape(g.shape[0], outputs, -1))
+        else:
+            total += _rowwise_squared_norm(_conv_weight_grads(module, x, g))
+    else:
+        a, g = _linear_patches(x, g)
+        if _use_gram(a.shape[2], a.shape[1], g.shape[1]):
+            total += _gram_squared_norm(a, g)
+        else:
+            total += _rowwise_squared_norm(torch.bmm(g, a.transpose(1, 2)))
+    return total
+
+
+class _HookScorer:
+    """Per-sample squared gradient norms from one batched forward/backward pass and layer hooks."""
+
+    def __init__(self, model):
+        self.model = model
+        for module in model.modules():
+            if isinstance(module, _BatchNorm) and (module.training or module.running_mean is None
+                                                   or module.running_var is None):
+                raise _HookUnsupported(
+                    f"{type(module).__name__} normalises with batch statistics in eval mode, so the "
+                    "samples of a batch are not independent")
+        holders = {}
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                holders[id(p)] = holders.get(id(p), 0) + 1
+        self.layers, hooked = {}, set()
+        for module_name, module in model.named_modules():
+            own = dict(module.named_parameters(recurse=False))
+            if not any(p.requires_grad for p in own.values()):
+                continue
+            kind = _hook_kind(module)
+            if kind is None or set(own) - {"weight", "bias"} or any(holders[id(p)] > 1 for p in own.values()):
+                continue  # left to the func scorer
+            self.layers[module] = kind
+            hooked.update(f"{module_name}.{name}" if module_name else name for name in own)
+        rest = {name for name, p in model.named_parameters() if p.requires_grad and name not in hooked}
+        self.rest = _FuncScorer(model, rest) if rest else None
+        if not self.layers and self.rest is None:
+            self.rest = _FuncScorer(model)  # nothing trainable: zeros either way
+
+    def __call__(self, images, targets):
+        batch = targets.shape[0]
+        calls = {module: [] for module in self.layers}
+        totals = {}
+        accumulated = {}
+
+        def on_gradient(module, call):
+            def hook(g):
+                kind, x = self.layers[module], call.pop("x")
+                g = g.detach().float()
+                if len(calls[module]) == 1:
+                    totals[module] = _layer_squared_norm(kind, module, x, g)
+                else:  # a layer used several times: its per-sample gradient is the sum over calls
+                    parts = _layer_grads(kind, module, x, g)
+                    previous = accumulated.get(module)
+                    accumulated[module] = parts if previous is None else [p + q for p, q in zip(previous, parts)]
+                call["done"] = True
+            return hook
+
+        def on_forward(module, inputs, output):
+            if not inputs or not isinstance(inputs[0], torch.Tensor) or not isinstance(output, torch.Tensor) \
+                    or not output.requires_grad:
+                raise _HookUnsupported(f"cannot follow the inputs/outputs of {type(module).__name__}")
+            call = {"x": inputs[0].detach().float()}
+            calls[module].append(call)
+            output.register_hook(on_gradient(module, call))
+
+        if not images.is_floating_point():
+            raise _HookUnsupported("the backward pass starts from the inputs, which are not floating point")
+        handles = [module.register_forward_hook(on_forward) for module in self.layers]
+        try:
+            with torch.enable_grad():
+                x = images.detach().requires_grad_(True)
+                logits = self.model(x)
+                # A sum, not a mean: each sample's output gradient is then that of its own loss.
+                loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+                torch.autograd.grad(loss, x, allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+        total = torch.zeros(batch, dtype=torch.float32, device=images.device)
+        for module, module_calls in calls.items():
+            if not module_calls or not all(call.get("done") for call in module_calls):
+                raise _HookUnsupported(f"no gradient reached a {type(module).__name__} through the "
+                                       "layer's own forward (its parameters are used elsewhere?)")
+            if module in totals:
+                total += totals[module]
+            else:
+                total += sum(_rowwise_squared_norm(t) for t in accumulated[module])
+        if self.rest is not None:
+            total += self.rest(images, targets)
+        return total
+
+
+def _loop_squared_norms(model, images, targets):
+    """(B,) float32 by one plain forward and backward per sample (the reference)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = torch.zeros(targets.shape[0], dtype=torch.float32)
+    with torch.enable_grad():
+        for k in range(targets.shape[0]):
+            loss = F.cross_entropy(model(images[k:k + 1]), targets[k:k + 1])
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            out[k] = float(sum(g.float().pow(2).sum() for g in grads if g is not None))
+    return out
+
+
+def _check_hooks(scorer, model, images, targets, squared_norm):
+    """Raise ``_HookUnsupported`` unless the hooks agree with plain autograd on the first sample.
+
+    Guards the assumptions no static check covers: every parameter is used only through its own
+    layer's forward, and samples do not interact in eval mode. The first sample alone, by hooks and
+    by one plain backward pass, must agree to float rounding; its score inside the chunk must agree
+    with that loosely (batched and single-sample kernels round differently, and a ReLU input that
+    rounds to the other side of zero changes a gradient by more than rounding).
+    """
+    alone = scorer(images[:1], targets[:1]).float().cpu()
+    reference = _loop_squared_norms(model, images[:1], targets[:1])
+    in_chunk = squared_norm[:1].float().cpu()
+    if not torch.allclose(alone, reference, rtol=1e-3, atol=1e-12):
+        raise _HookUnsupported(f"hooks gave {float(alone[0]):.6g}, a plain backward pass "
+                               f"{float(reference[0]):.6g} for the same sample")
+    if not torch.allclose(in_chunk, reference, rtol=5e-2, atol=1e-12):
+        raise _HookUnsupported(f"a sample scored {float(in_chunk[0]):.6g} in its batch but "
+                               f"{float(reference[0]):.6g} alone: samples interact in eval mode")
+
+
+def per_sample_sharpness(model, loader, device, chunk_size=64, progress=False, num_samples=None,
+                         backend="func"):
+    """Squared per-sample gradient norm for every sample of ``loader``, as float32 (N,) on the CPU.
+
+    ``loader`` yields ``(images, targets, indices)``; ``indices`` are positions in the training
+    split and say where each score is written (N = ``len(loader.dataset)`` unless ``num_samples``).
+    The model is put in eval mode, so BatchNorm uses its running statistics and a sample's gradient
+    does not depend on the other samples of its batch; its previous mode is restored afterwards.
+    Samples are scored ``chunk_size`` at a time, so memory stays at one chunk of per-sample
+    gradients. ``backend``: ``func`` (vmap over grad), ``hooks`` (one batched backward pass and
+    closed-form per-layer norms; other layers by ``func``) or ``auto`` (``hooks`` when the model
+    allows it and it agrees with a plain backward pass on the first sample, else ``func``).
+    All three give the same numbers up to float rounding.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    if backend not in SHARPNESS_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(SHARPNESS_BACKENDS)}, got '{backend}'")
+    was_training = model.training
+    model.eval()
+    try:
+        scorer, checked = None, True
+        if backend in ("auto", "hooks"):
+            try:
+                scorer, checked = _HookScorer(model), False
+            except _HookUnsupported as error:
+                if backend == "hooks":
+                    raise ValueError(f"the hooks backend cannot score this model: {error}") from None
+        if scorer is None:
+            scorer = _FuncScorer(model)
+        scores, covered = _score_tensor(loader, num_samples)
+        batches = loader
+        if progress:
+            from tqdm import tqdm
+            batches = tqdm(loader, desc="per-sample sharpness", leave=False)
+        for images, targets, indices in batches:
+            images, targets = images.to(device), targets.to(device)
+            for start in range(0, targets.shape[0], chunk_size):
+                chunk_images = images[start:start + chunk_size]
+                chunk_targets = targets[start:start + chunk_size]
+                try:
+                    squared_norm = scorer(chunk_images, chunk_targets)
+                    if not checked:
+                        _check_hooks(scorer, model, chunk_images, chunk_targets, squared_norm)
+                        checked = True
+                except _HookUnsupported as error:
+                    if backend == "hooks":
+                        raise RuntimeError(f"the hooks backend cannot score this model: {error}") from None
+                    warnings.warn(f"per-sample sharpness: falling back to torch.func ({error})")
+                    scorer, checked = _FuncScorer(model), True
+                    squared_norm = scorer(chunk_images, chunk_targets)
+                chunk_indices = torch.as_tensor(indices[start:start + chunk_size]).long().cpu()
+                scores[chunk_indices] = squared_norm.float().cpu()
+                covered[chunk_indices] = True
+    finally:
+        model.train(was_training)
+    _check_covered(covered)
+    return scores
+
+
+def per_sample_sharpness_loop(model, loader, device, num_samples=None):
+    """Reference for ``per_sample_sharpness``: one forward and backward per sample (slow)."""
+    was_training = model.training
+    model.eval()
+    try:
+        scores, covered = _score_tensor(loader, num_samples)
+        for images, targets, indices in loader:
+            images, targets = images.to(device), targets.to(device)
+            chunk_indices = torch.as_tensor(indices).long().cpu()
+            scores[chunk_indices] = _loop_squared_norms(model, images, targets)
+            covered[chunk_indices] = True
+    finally:
+        model.train(was_training)
+    _check_covered(covered)
+    return scores
+
+
+# --------------------------------------------------------------------------- split rules
+
+def _as_score_matrix(scores):
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().cpu().numpy()
+    scores = np.asarray(scores)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be a (members, samples) matrix, got shape {scores.shape}")
+    if np.isnan(scores).any():
+        raise ValueError("scores contain NaN (a diverged member?); the split would be arbitrary")
+    return scores
+
+
+def _check_ratio(flat_ratio):
+    if not 0.0 <= flat_ratio <= 1.0:
+        raise UserError(f"--flat_ratio must be in [0, 1], got {flat_ratio}")
+
+
+def _check_choice(value, choices, flag):
+    if value not in choices:
+        raise UserError(f"{flag} must be one of {', '.join(choices)}, got '{value}'")
+
+
+def low_score_sets(scores, flat_ratio, select="flattest"):
+    """Bool (M, N): row j marks L_j, the K = floor(flat_ratio·N) samples member j selects.
+
+    ``flattest`` = the K lowest scores (the release), ``sharpest`` = the K highest (the paper's
+    Figure 6). Both read one stable ascending sort, so ties go the same way on every machine:
+    the first K positions for flattest, the last K for sharpest (as the release sliced it).
+    """
+    scores = _as_score_matrix(scores)
+    _check_ratio(flat_ratio)
+    _check_choice(select, SELECT_CHOICES, "--select")
+    num_members, n = scores.shape
+    k = int(math.floor(flat_ratio * n))
+    order = np.argsort(scores, axis=1, kind="stable")
+    chosen = order[:, :k] if select == "flattest" else order[:, n - k:]
+    selected = np.zeros((num_members, n), dtype=bool)
+    np.put_along_axis(selected, chosen, True, axis=1)
+    return selected
+
+
+def sam_masks(scores, flat_ratio, rule="share", select="flattest"):
+    """Bool (M, N): row i is True where member i trains with SAM (the SharpBalance split).
+
+    U_{-i} = union of the other members' sets L_j; A = the samples in no L_j, in ascending index
+    order; A_i = A[i::M]. ``share``: SAM_i = U_{-i} ∪ A_i. ``boost``: SAM_i = U_{-i} ∪ (A \\ A_i).
+    """
+    _check_choice(rule, ("share", "boost"), "--split_rule")
+    selected = low_score_sets(scores, flat_ratio, select=select)
+    num_members, n = selected.shape
+    times_selected = selected.sum(axis=0)
+    unselected = times_selected == 0
+    leftovers = np.flatnonzero(unselected)  # ascending
+    masks = np.zeros((num_members, n), dtype=bool)
+    for i in range(num_members):
+        selected_by_others = (times_selected - selected[i]) > 0
+        own_leftovers = np.zeros(n, dtype=bool)
+        own_leftovers[leftovers[i::num_members]] = True
+        if rule == "share":
+            masks[i] = selected_by_others | own_leftovers
+        else:
+            masks[i] = selected_by_others | (unselected & ~own_leftovers)
+    return masks
+
+
+def random_sam_masks(n, flat_ratio, seeds, same=False):
+    """Bool (M, N) for the ablations: member i's normal set is a uniform random subset of size
+    floor((1 − flat_ratio)·N), drawn without replacement with ``RandomState(seeds[i])``
+    (``random``) or once with ``RandomState(0)`` for every member (``same``); SAM = the rest.
+    """
+    _check_ratio(flat_ratio)
+    seeds = list(seeds)
+    num_normal = int(math.floor((1.0 - flat_ratio) * n))
+    masks = np.ones((len(seeds), n), dtype=bool)
+    for i, seed in enumerate(seeds):
+        rng = np.random.RandomState(0 if same else int(seed))
+        normal = rng.choice(np.arange(n), size=num_normal, replace=False)
+        masks[i, normal] = False
+    return masks
+
+
+def resolve_split_rule(split_rule, dataset):
+    """``auto`` is what the release did: ``boost`` for CIFAR-10, ``share`` for everything else."""
+    _check_choice(split_rule, SPLIT_RULE_CHOICES, "--split_rule")
+    if split_rule != "auto":
+        return split_rule
+    if dataset is None:
+        raise ValueError("split_rule 'auto' needs the dataset name")
+    return "boost" if str(dataset).lower() == "cifar10" else "share"
+
+
+def build_sam_masks(scores, flat_ratio, train_subset="boosting", split_rule="auto", select="flattest",
+                    dataset=None, seeds=None):
+    """The SAM masks (M, N) for ``--train_subset``: ``boosting`` (SharpBalance), ``random``, ``same``.
+
+    ``scores`` is the (M, N) score matrix (members in seed order); the ablations use only its shape.
+    ``seeds`` (one per member) is needed by ``random``.
+    """
+    _check_choice(train_subset, TRAIN_SUBSET_CHOICES, "--train_subset")
+    scores = _as_score_matrix(scores)
+    num_members, n = scores.shape
+    if train_subset == "boosting":
+        rule = resolve_split_rule(split_rule, dataset)
+        return sam_masks(scores, flat_ratio, rule=rule, select=select)
+    if train_subset == "random":
+        if seeds is None or len(seeds) != num_members:
+            raise ValueError(f"train_subset 'random' needs one seed per member ({num_members})")
+        return random_sam_masks(n, flat_ratio, seeds)
+    return random_sam_masks(n, flat_ratio, range(num_members), same=True)
