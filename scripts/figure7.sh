@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# Figure 7 end to end: train Deep Ensemble, DE + SAM and SharpBalance on every dataset with every
+# published seed triple, measure each ensemble (accuracy + disagreement, variance diversity,
+# sharpness), then write the report (table + figures).
+#
+#   scripts/figure7.sh                                  # everything, published settings
+#   DATASETS=cifar10 NGPUS=4 scripts/figure7.sh         # only CIFAR-10, members spread over 4 GPUs
+#
+# Environment (published values as defaults):
+#   DATASETS="cifar10 cifar100 tiny_imgnet" (also: digits)   METHODS="deep_ensemble sam sharpbalance"
+#   SEED_SETS="13 17 27;113 117 127;43 59 223"   (ensembles separated by ';')
+#   DATA_PATH=./datasets (CIFAR torchvision layout, tiny-imagenet-200/, CIFAR-10-C/, ...)   CORRUPT_PATH=
+#   OUT=runs/figure7   -> OUT/runs/<dataset>/<method>/seeds_a_b_c   (checkpoints, logs)
+#                         OUT/results/<dataset>/<method>/seeds_a_b_c (measurement JSON/CSV)
+#                         OUT/report/                                (table, figures)
+#                         OUT/logs/                                  (one log per step)
+#   EPOCHS=200 BATCH_SIZE=128 LR=0.1 WEIGHT_DECAY=5e-4 MODEL=resnet18 WIDTH=64
+#   RHO=0.2 FLAT_RATIO=0.5 INITIAL_EPOCHS=epochs/2   EXTRA="" (more main.py flags)
+#   DEVICE=auto   NGPUS=1 (>1: each run on NGPUS GPUs with torchrun; measurements spread over them)
+#   JOBS=1 (runs/measurements at the same time; CPU threads per job = cores/JOBS)
+#   DIVERSITY_EXTRA="" VARIANCE_EXTRA="" SHARPNESS_EXTRA="" (flags for the measure scripts)
+#   REPORT_EXTRA="" (flags for scripts/report.py)   PYTHON=python
+#
+# Rerunning skips finished work (a run whose members reached EPOCHS; a measurement whose JSON
+# exists) and resumes unfinished runs. A failed step is reported, its dependants are skipped, the
+# rest goes on, the report is written from what exists, and the exit status is 1.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/train/_common.sh"
+
+DATASETS="${DATASETS:-cifar10 cifar100 tiny_imgnet}"
+METHODS="${METHODS:-deep_ensemble sam sharpbalance}"
+SEED_SETS="${SEED_SETS:-13 17 27;113 117 127;43 59 223}"
+OUT="${OUT:-runs/figure7}"
+DATA_PATH="${DATA_PATH:-./datasets}"
+CORRUPT_PATH="${CORRUPT_PATH:-}"
+DEVICE="${DEVICE:-auto}"
+NGPUS="${NGPUS:-1}"
+JOBS="${JOBS:-1}"
+DIVERSITY_EXTRA="${DIVERSITY_EXTRA:-}"
+VARIANCE_EXTRA="${VARIANCE_EXTRA:-}"
+SHARPNESS_EXTRA="${SHARPNESS_EXTRA:-}"
+REPORT_EXTRA="${REPORT_EXTRA:-}"
+EPOCHS="${EPOCHS:-200}"
+# The other training settings (BATCH_SIZE, LR, WIDTH, RHO, ...) reach scripts/train/*.sh through the
+# environment as given; unset, those scripts use the published values.
+export DATA_PATH CORRUPT_PATH DEVICE NGPUS EPOCHS
+
+LOGS="$OUT/logs"
+mkdir -p "$LOGS"
+if ((JOBS > 1)) && [[ -z "${OMP_NUM_THREADS:-}" ]]; then
+    cores="$(nproc 2>/dev/null || echo 2)"
+    OMP_NUM_THREADS=$((cores / JOBS > 0 ? cores / JOBS : 1))
+    export OMP_NUM_THREADS  # several torch processes with all threads each would fight over the cores
+fi
+
+IFS=';' read -r -a seed_sets <<<"$SEED_SETS"
+for i in "${!seed_sets[@]}"; do seed_sets[i]="$(normalise_seeds "${seed_sets[i]}")"; done
+read -r -a datasets <<<"$DATASETS"
+read -r -a methods <<<"$METHODS"
+start_time=$SECONDS
+failed=()
+
+# ---------------------------------------------------------------------------------- job running
+# step NAME CMD...: run CMD with its output in $LOGS/NAME.log and its exit status in $LOGS/NAME.rc.
+# JOBS=1: in the foreground, output also on the terminal. JOBS>1: in the background, at most JOBS.
+step() {
+    local name="$1"
+    shift
+    rm -f "$LOGS/$name.rc"
+    if ((JOBS <= 1)); then
+        local rc=0
+        "$@" 2>&1 | tee "$LOGS/$name.log" || rc=$?
+        echo "$rc" >"$LOGS/$name.rc"
+    else
+        while (($(jobs -pr | wc -l) >= JOBS)); do wait -n 2>/dev/null || true; done
+        echo "    started $name (log: $LOGS/$name.log)"
+        (
+            rc=0
+            "$@" >"$LOGS/$name.log" 2>&1 || rc=$?
+            echo "$rc" >"$LOGS/$name.rc"
+            if ((rc == 0)); then echo "    done    $name ($(tail -n 1 "$LOGS/$name.log" | cut -c1-100))"; fi
+        ) &
+    fi
+}
+
+# collect NAME...: wait for the background steps, then note the failed ones (their log's tail shown).
+collect() {
+    wait || true
+    local name rc
+    for name in "$@"; do
+        rc="$(cat "$LOGS/$name.rc" 2>/dev/null || echo 1)"
+        if [[ "$rc" != 0 ]]; then
+            failed+=("$name")
+            echo "!!! step $name failed (exit $rc); last lines of $LOGS/$name.log:" >&2
+            tail -n 15 "$LOGS/$name.log" >&2 || true
+        fi
+    done
+}
+
+step_ok() { [[ "$(cat "$LOGS/$1.rc" 2>/dev/null || echo 1)" == 0 ]]; }
+
+say "Figure 7: datasets [$DATASETS], methods [$METHODS], ensembles [${SEED_SETS}], $EPOCHS epochs, output $OUT"
+
+# ------------------------------------------------------------------------------------- training
+say "step 1/3: training"
+train_steps=()
+train_jobs=$JOBS
+((NGPUS > 1)) && JOBS=1  # each run already uses every GPU through torchrun
+for dataset in "${datasets[@]}"; do
+    if [[ "$dataset" == digits ]]; then  # digits-C is generated once, here, instead of by every measurement
+        name="prepare_digits-C"
+        step "$name" "$PY" -c "import sys; sys.path.insert(0, sys.argv[1]); from data.digits import build_digits_c; \
+print('digits-C in', build_digits_c(sys.argv[2]))" "$REPO" "${CORRUPT_PATH:-$DATA_PATH}"
+        train_steps+=("$name")
+    fi
+    for method in "${methods[@]}"; do
+        for seeds in "${seed_sets[@]}"; do
+            tag="$(seeds_tag "$seeds")"
+            name="train_${dataset}_${method}_${tag}"
+            step "$name" env DATASET="$dataset" SEEDS="$seeds" SAVE_PATH="$OUT/runs/$dataset/$method/$tag" \
+                "$REPO/scripts/train/$method.sh"
+            train_steps+=("$name")
+        done
+    done
+done
+collect "${train_steps[@]}"
+JOBS=$train_jobs
+
+# ---------------------------------------------------------------------------------- measurement
+say "step 2/3: measurements (accuracy and disagreement, variance diversity, sharpness)"
+measure_steps=()
+measure_jobs=$JOBS
+((NGPUS > JOBS)) && JOBS=$NGPUS
+k=0
+for dataset in "${datasets[@]}"; do
+    for method in "${methods[@]}"; do
+        for seeds in "${seed_sets[@]}"; do
+            tag="$(seeds_tag "$seeds")"
+            if ! step_ok "train_${dataset}_${method}_${tag}"; then
+                echo "    skip measuring $dataset $method $tag: its training failed" >&2
+                continue
+            fi
+            for script in measure_diversity measure_diversity_variance measure_sharpness; do
+                case "$script" in
+                    measure_diversity) extra="$DIVERSITY_EXTRA" ;;
+                    measure_diversity_variance) extra="$VARIANCE_EXTRA" ;;
+                    measure_sharpness) extra="$SHARPNESS_EXTRA" ;;
+                esac
+                device="$DEVICE"
+                if ((NGPUS > 1)) && [[ "$DEVICE" == auto || "$DEVICE" == cuda ]]; then
+                    device="cuda:$((k % NGPUS))"
+                fi
+                k=$((k + 1))
+                name="${script#measure_}_${dataset}_${method}_${tag}"
+                step "$name" env DATASET="$dataset" METHOD="$method" SEEDS="$seeds" DEVICE="$device" \
+                    RUN="$OUT/runs/$dataset/$method/$tag" SAVE="$OUT/results/$dataset/$method/$tag" EXTRA="$extra" \
+                    "$REPO/scripts/measure/$script.sh"
+                measure_steps+=("$name")
+            done
+        done
+    done
+done
+((${#measure_steps[@]})) && collect "${measure_steps[@]}"
+JOBS=$measure_jobs
+
+# --------------------------------------------------------------------------------------- report
+say "step 3/3: report"
+read -r -a report_extra <<<"$REPORT_EXTRA"
+report_rc=0
+"$PY" "$REPO/scripts/report.py" --results "$OUT/results" --out "$OUT/report" --datasets "${datasets[@]}" \
+    --methods "${methods[@]}" --seed_sets "$SEED_SETS" "${report_extra[@]}" || report_rc=$?
+((report_rc == 0)) || failed+=("report")
+
+elapsed=$((SECONDS - start_time))
+if ((${#failed[@]})); then
+    echo "Figure 7 pipeline finished in ${elapsed}s with ${#failed[@]} failed step(s): ${failed[*]} (logs in $LOGS)" >&2
+    exit 1
+fi
+say "Figure 7 pipeline finished in ${elapsed}s; report in $OUT/report (logs in $LOGS)"

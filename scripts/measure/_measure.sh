@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Run one measure_*.py script on one trained ensemble: scripts/measure/_measure.sh SCRIPT DEFAULT_MODES [flags...]
+# Called by scripts/measure/measure_*.sh, which document the environment variables. Each mode writes
+# <SAVE>/<mode>.json and .csv; the step is skipped when every mode's JSON exists and is newer than the
+# run's checkpoints (FORCE=1 measures again).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../train/_common.sh"
+
+SCRIPT="${1:?usage: _measure.sh SCRIPT DEFAULT_MODES [flags...]}"
+DEFAULT_MODES="${2:?usage: _measure.sh SCRIPT DEFAULT_MODES [flags...]}"
+shift 2
+
+DATASET="${DATASET:-cifar10}"
+DATA_PATH="${DATA_PATH:-./datasets}"
+CORRUPT_PATH="${CORRUPT_PATH:-}"
+METHOD="${METHOD:-sharpbalance}"
+SEEDS="$(normalise_seeds "${SEEDS:-13 17 27}")"
+RUN="${RUN:-runs/$DATASET/$METHOD/$(seeds_tag "$SEEDS")}"
+SAVE="${SAVE:-results/$DATASET/$METHOD/$(seeds_tag "$SEEDS")}"
+MODES="${MODES:-$DEFAULT_MODES}"
+CHECKPOINT="${CHECKPOINT:-best}"
+DEVICE="${DEVICE:-auto}"
+EXTRA="${EXTRA:-}"
+FORCE="${FORCE:-0}"
+
+read -r -a mode_array <<<"$(modes_list "$MODES")"
+if [[ "$FORCE" != 1 ]] && measurement_finished "$SAVE" "$RUN" "${mode_array[@]}"; then
+    say "skip $SCRIPT ($MODES) on $RUN: $SAVE/{$(modes_list "$MODES" | tr ' ' ',')}.json exist"
+    exit 0
+fi
+[[ -d "$RUN" ]] || die "run directory '$RUN' does not exist (train it first: scripts/train/$METHOD.sh)"
+
+read -r -a extra_array <<<"$EXTRA"
+cmd=("$PY" "$REPO/$SCRIPT" --dataset "$DATASET" --data_path "$DATA_PATH" --resume "$RUN"
+     --checkpoint "$CHECKPOINT" --mode "$(modes_list "$MODES" | tr ' ' ',')" --save "$SAVE" --device "$DEVICE")
+[[ -n "$CORRUPT_PATH" ]] && cmd+=(--corrupt_path "$CORRUPT_PATH")
+cmd+=("${extra_array[@]}" "$@")
+
+say "measure $SCRIPT ($MODES) on $RUN -> $SAVE"
+echo "    ${cmd[*]}"
+"${cmd[@]}"

@@ -1,0 +1,253 @@
+"""Figure 7 report: tables and figures from the measurement JSON files of many ensembles.
+
+    python scripts/report.py --results runs/figure7/results --out runs/figure7/report
+
+Reads <results>/<dataset>/<method>/<ensemble>/{predict,disagreement,variance_mse_c,APGD_worst}.json
+(scripts/figure7.sh writes them) and writes to --out:
+  figure7_table.csv / .md    ensemble and mean-individual accuracy, ID (test) and OOD (-C), mean ± std
+                             over ensembles, the paper's numbers and the difference; the .md also has
+                             the sharpness / diversity table and the list of missing inputs
+  diversity_table.csv        sharpness, variance diversity, disagreement per dataset and method
+  ensembles.csv              every number of every ensemble
+  figure7.png                Figure 7 style: ID (top) and OOD (bottom) per dataset, bars = mean
+                             individual accuracy + the ensemble's gain, error bars = std over ensembles
+  sharpness_diversity.png    Figure 1(c) style: x = sharpness, y = variance diversity, colour =
+                             ensemble OOD accuracy, marker = method, one point per ensemble
+  missing.txt                missing inputs (also printed); missing inputs never stop the report
+"""
+import argparse
+import csv
+import math
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from utils import report as rp  # noqa: E402
+
+COLOURS = {"deep_ensemble": "#4C72B0", "sam": "#DD8452", "sharpbalance": "#55A868"}
+MARKERS = {"deep_ensemble": "o", "sam": "s", "sharpbalance": "^"}
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default="runs/figure7/results", help="root of the measurement folders")
+    parser.add_argument("--out", default=None, help="output folder (default: <results>/../report)")
+    parser.add_argument("--datasets", nargs="+", default=None,
+                        help="datasets to report (default: those found under --results)")
+    parser.add_argument("--methods", nargs="+", default=list(rp.METHODS))
+    parser.add_argument("--seed_sets", default=None,
+                        help='expected ensembles, e.g. "13 17 27;113 117 127" (default: the folders found)')
+    parser.add_argument("--sharpness", default="auto",
+                        help="APGD setting for the sharpness axis, e.g. l2_0.5 (auto: first l2 setting)")
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 when inputs are missing")
+    return parser
+
+
+def write_csv(path, rows, fields=None):
+    fields = fields or (list(rows[0]) if rows else ["note"])
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
+
+
+def finite(*values):
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+def setting_label(key):
+    """``l2_0.5`` -> ``l2, ρ = 0.5``."""
+    norm, _, rho = str(key).partition("_")
+    return f"{norm}, ρ = {rho}" if rho else str(key)
+
+
+def panel_bars(ax, rows, dataset, split):
+    """One Figure 7 panel: per method a bar of mean individual accuracy topped by the ensemble gain."""
+    chosen = [r for r in rows if r["dataset"] == dataset and r["split"] == split and finite(r["ensemble_acc_mean"])]
+    ax.set_title(rp.dataset_label(dataset, split) + (" (ID)" if split == "ID" else " (OOD)"), fontsize=11)
+    if not chosen:
+        ax.text(0.5, 0.5, f"no {split} results", ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.set_xticks([])
+        return
+    lows, highs = [], []
+    for x, r in enumerate(chosen):
+        colour = COLOURS.get(r["method"], "#777777")
+        ens, ind = r["ensemble_acc_mean"], r["individual_acc_mean"]
+        ax.bar(x, ind, width=0.6, color=colour, edgecolor="black", linewidth=0.6)
+        ax.bar(x, ens - ind, bottom=ind, width=0.6, color=colour, alpha=0.45, hatch="///",
+               edgecolor="black", linewidth=0.6)
+        for value, std, dx in ((ens, r["ensemble_acc_std"], 0.0), (ind, r["individual_acc_std"], 0.12)):
+            if finite(std):
+                ax.errorbar(x + dx, value, yerr=std, color="black", capsize=3, linewidth=1)
+                lows.append(value - std)
+                highs.append(value + std)
+        lows += [ens, ind]
+        highs += [ens, ind]
+        for value, colour in ((r["paper_ensemble_acc"], "black"), (r["paper_individual_acc"], "dimgrey")):
+            if finite(value):
+                ax.plot([x], [value], marker="_", markersize=26, markeredgewidth=2, color=colour, linestyle="none")
+                lows.append(value)
+                highs.append(value)
+        tops = [ens, ind] + [v for v in (ens + r["ensemble_acc_std"], r["paper_ensemble_acc"],
+                                          r["paper_individual_acc"]) if finite(v)]
+        ax.annotate(f"{ens:.2f}\n({ens - ind:+.2f})", (x, max(tops)), xytext=(0, 4),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=8)
+    span = max(max(highs) - min(lows), 0.5)
+    ax.set_ylim(max(0.0, min(lows) - 0.35 * span), min(100.0, max(highs)) + 0.45 * span)
+    ax.set_xticks(range(len(chosen)))
+    ax.set_xticklabels([f"{r['method_label']}\n(n={r['n_ensembles']})" for r in chosen], fontsize=9)
+    ax.set_xlim(-0.6, len(chosen) - 0.4)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def empty_figure(path, text):
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="grey", wrap=True)
+    ax.set_axis_off()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def figure7(rows, datasets, path):
+    """ID (top row) and OOD (bottom row) per dataset (columns); one dataset: ID and OOD side by side."""
+    shown = [d for d in datasets if any(r["dataset"] == d for r in rows)] or datasets[:1]
+    if not shown:
+        return empty_figure(path, "no accuracy results found (see missing.txt)")
+    if len(shown) == 1:
+        fig, axes = plt.subplots(1, 2, figsize=(10.5, 5.6), squeeze=False)
+        places = {("ID", 0): axes[0][0], ("OOD", 0): axes[0][1]}
+    else:
+        fig, axes = plt.subplots(2, len(shown), figsize=(4.6 * len(shown) + 0.6, 8.6), squeeze=False)
+        places = {(split, j): axes[i][j] for i, split in enumerate(("ID", "OOD")) for j in range(len(shown))}
+    for (split, j), ax in places.items():
+        panel_bars(ax, rows, shown[j], split)
+        if j == 0 or len(shown) == 1:
+            ax.set_ylabel("test accuracy (%)" if split == "ID" else "corrupted-test accuracy (%)")
+    handles = [Patch(facecolor="white", edgecolor="black", label="mean individual accuracy (solid)"),
+               Patch(facecolor="white", edgecolor="black", hatch="///",
+                     label="ensemble gain = ensemble − mean individual (hatched)")]
+    if any(finite(r["ensemble_acc_std"]) for r in rows):
+        handles.append(Line2D([], [], color="black", marker="|", linestyle="none", markersize=10,
+                              label="error bars: std over ensembles"))
+    if any(finite(r["paper_ensemble_acc"]) for r in rows):
+        handles += [Line2D([], [], color="black", marker="_", linestyle="none", markersize=16, markeredgewidth=2,
+                           label="paper: ensemble accuracy"),
+                    Line2D([], [], color="dimgrey", marker="_", linestyle="none", markersize=16, markeredgewidth=2,
+                           label="paper: mean individual accuracy")]
+    fig.legend(handles=handles, loc="lower center", ncol=2 if len(shown) == 1 else 3, fontsize=9, frameon=False)
+    counts = sorted({r["n_ensembles"] for r in rows})
+    note = "no error bars with n=1" if counts == [1] else "error bars: std over ensembles"
+    fig.suptitle("Figure 7 style: bar top = ensemble accuracy = mean individual accuracy + ensemble gain\n"
+                 f"labels: ensemble accuracy (gain); n = ensembles of 3 members per method, {note}; "
+                 "y axes zoomed (not from 0)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.09 if len(handles) > 2 else 0.06, 1, 0.93))
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def scatter(records, datasets, methods, path):
+    usable = [r for r in records if finite(r["sharpness"], r["ood_variance"])]
+    shown = [d for d in datasets if any(r["dataset"] == d for r in usable)] or datasets[:1]
+    if not shown:
+        return empty_figure(path, "no sharpness and variance results found (see missing.txt)")
+    fig, axes = plt.subplots(1, len(shown), figsize=(max(6.4 * len(shown), 7.5), 5.4), squeeze=False)
+    for ax, dataset in zip(axes[0], shown):
+        points = [r for r in usable if r["dataset"] == dataset]
+        ax.set_title(f"{rp.dataset_label(dataset)}: sharpness vs diversity", fontsize=11)
+        if not points:
+            ax.text(0.5, 0.5, "no sharpness + variance results", ha="center", va="center", transform=ax.transAxes,
+                    color="grey")
+            continue
+        accs = [r["ood_ensemble_acc"] for r in points if finite(r["ood_ensemble_acc"])]
+        vmin, vmax = (min(accs), max(accs)) if accs else (0.0, 1.0)
+        if vmax - vmin < 1e-9:
+            vmin, vmax = vmin - 0.5, vmax + 0.5
+        mappable = None
+        for method in methods:
+            group = [r for r in points if r["method"] == method]
+            if not group:
+                continue
+            colours = [r["ood_ensemble_acc"] if finite(r["ood_ensemble_acc"]) else vmin for r in group]
+            mappable = ax.scatter([r["sharpness"] for r in group], [r["ood_variance"] for r in group], c=colours,
+                                  cmap="viridis", vmin=vmin, vmax=vmax, marker=MARKERS.get(method, "D"), s=110,
+                                  edgecolors="black", linewidths=0.8, label=rp.method_label(method))
+        settings = sorted({setting_label(r["sharpness_setting"]) for r in points if r["sharpness_setting"]})
+        ax.set_xlabel(f"sharpness: adaptive worst-case loss increase\n({'; '.join(settings)}; mean over members)")
+        ax.set_ylabel(f"variance diversity on {rp.dataset_label(dataset, 'OOD')}\n(logit variance across members) →")
+        ax.grid(alpha=0.3)
+        ax.margins(0.15)
+        if mappable is not None:
+            fig.colorbar(mappable, ax=ax).set_label(f"ensemble accuracy on {rp.dataset_label(dataset, 'OOD')} (%)")
+        handles = [Line2D([], [], marker=MARKERS.get(m, "D"), linestyle="none", markersize=9, markerfacecolor="white",
+                          markeredgecolor="black", label=rp.method_label(m))
+                   for m in methods if any(r["method"] == m for r in points)]
+        ax.legend(handles=handles, title="marker = method\n(one point per ensemble)", fontsize=8, title_fontsize=8,
+                  loc="best")
+    fig.suptitle("Sharpness–diversity trade-off (style of the paper's Figure 1c)\n"
+                 "up = more diverse, left = flatter, colour = ensemble accuracy on the corrupted test set", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    out = args.out or os.path.join(os.path.dirname(os.path.normpath(args.results)) or ".", "report")
+    os.makedirs(out, exist_ok=True)
+    datasets = args.datasets
+    if datasets is None:
+        found = sorted(os.listdir(args.results)) if os.path.isdir(args.results) else []
+        datasets = [d for d in rp.DATASETS if d in found] + [d for d in found if d not in rp.DATASETS]
+    ensembles = None
+    if args.seed_sets:
+        ensembles = ["seeds_" + "_".join(s.replace(",", " ").split()) for s in args.seed_sets.split(";") if s.strip()]
+    records, missing = rp.collect(args.results, datasets, args.methods, ensembles, args.sharpness)
+    if not os.path.isdir(args.results):
+        missing.insert(0, f"{args.results} (results folder missing)")
+    rows = rp.summarise(records, datasets, args.methods)
+    diversity = rp.summarise_diversity(records, datasets, args.methods)
+
+    files = {name: os.path.join(out, name) for name in ("figure7_table.csv", "figure7_table.md", "diversity_table.csv",
+                                                          "ensembles.csv", "figure7.png", "sharpness_diversity.png",
+                                                          "missing.txt")}
+    write_csv(files["figure7_table.csv"], rows, [
+        "dataset", "split", "test_set", "method", "method_label", "n_ensembles", "ensemble_acc_mean",
+        "ensemble_acc_std", "paper_ensemble_acc", "ensemble_acc_diff", "individual_acc_mean", "individual_acc_std",
+        "paper_individual_acc", "individual_acc_diff", "ensemble_gain_mean"])
+    write_csv(files["diversity_table.csv"], diversity)
+    write_csv(files["ensembles.csv"], records, ["dataset", "method", "ensemble", "members"] + list(rp.FIELDS)
+              + ["sharpness", "sharpness_setting"])
+    text = rp.markdown(rows, diversity, missing)
+    with open(files["figure7_table.md"], "w") as f:
+        f.write(text)
+    with open(files["missing.txt"], "w") as f:
+        f.write("".join(f"{m}\n" for m in missing))
+    figure7(rows, datasets, files["figure7.png"])
+    scatter(records, datasets, args.methods, files["sharpness_diversity.png"])
+
+    print(text.split("\n## Missing inputs")[0].rstrip())
+    if missing:
+        print(f"\n{len(missing)} missing input(s) (listed in {files['missing.txt']}):")
+        for line in missing[:20]:
+            print(f"  - {line}")
+        if len(missing) > 20:
+            print(f"  ... and {len(missing) - 20} more")
+    print(f"\nreport of {len(records)} ensemble(s) written to {out}:")
+    for name, path in files.items():
+        print(f"  {path}")
+    return 1 if (missing and args.strict) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Train one ensemble with main.py: scripts/train/_train.sh METHOD [extra main.py flags...]
+# METHOD = deep_ensemble | sam | sharpbalance. Called by scripts/train/{deep_ensemble,sam,sharpbalance}.sh,
+# which document the environment variables. Skips a finished run; reruns resume an unfinished one.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+
+METHOD="${1:?usage: _train.sh deep_ensemble|sam|sharpbalance [main.py flags...]}"
+shift
+
+DATASET="${DATASET:-cifar10}"
+DATA_PATH="${DATA_PATH:-./datasets}"
+SEEDS="$(normalise_seeds "${SEEDS:-13 17 27}")"
+EPOCHS="${EPOCHS:-200}"
+BATCH_SIZE="${BATCH_SIZE:-128}"
+LR="${LR:-0.1}"
+WEIGHT_DECAY="${WEIGHT_DECAY:-5e-4}"
+MODEL="${MODEL:-resnet18}"
+WIDTH="${WIDTH:-64}"
+RHO="${RHO:-0.2}"
+FLAT_RATIO="${FLAT_RATIO:-0.5}"
+INITIAL_EPOCHS="${INITIAL_EPOCHS:-$(default_initial_epochs "$EPOCHS")}"
+DEVICE="${DEVICE:-auto}"
+NGPUS="${NGPUS:-1}"
+EXTRA="${EXTRA:-}"
+SAVE_PATH="${SAVE_PATH:-runs/$DATASET/$METHOD/$(seeds_tag "$SEEDS")}"
+
+case "$METHOD" in
+    deep_ensemble) method_flags=(--sam False) ;;
+    sam) method_flags=(--sam True --rho "$RHO") ;;
+    sharpbalance)
+        method_flags=(--sam True --rho "$RHO" --flat_ratio "$FLAT_RATIO" --initial_epochs "$INITIAL_EPOCHS") ;;
+    *) die "unknown method '$METHOD' (deep_ensemble, sam or sharpbalance)" ;;
+esac
+
+read -r -a seed_array <<<"$SEEDS"
+if run_finished "$SAVE_PATH" "$EPOCHS" "${seed_array[@]}"; then
+    say "skip training $METHOD on $DATASET (seeds $SEEDS): finished ($EPOCHS epochs) in $SAVE_PATH"
+    exit 0
+fi
+
+if ((NGPUS > 1)); then
+    # torchrun: members round-robin over the ranks; --device auto takes cuda:<local_rank>.
+    launcher=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPUS" "$REPO/main.py")
+else
+    launcher=("$PY" "$REPO/main.py")
+fi
+read -r -a extra_array <<<"$EXTRA"
+cmd=("${launcher[@]}" --data "$DATASET" --data_path "$DATA_PATH" --model "$MODEL" --width "$WIDTH"
+     --device "$DEVICE" --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --lr "$LR" --weight_decay "$WEIGHT_DECAY"
+     "${method_flags[@]}" --seed "${seed_array[@]}" --save_path "$SAVE_PATH")
+[[ -t 1 ]] || cmd+=(--no_progress)
+cmd+=("${extra_array[@]}" "$@")
+
+if compgen -G "$SAVE_PATH/seed_*/checkpoint.pth.tar" >/dev/null; then
+    say "resume training $METHOD on $DATASET (seeds $SEEDS) in $SAVE_PATH"
+else
+    say "train $METHOD on $DATASET (seeds $SEEDS) -> $SAVE_PATH"
+fi
+echo "    ${cmd[*]}"
+"${cmd[@]}"
+say "finished training $METHOD on $DATASET (seeds $SEEDS): $SAVE_PATH"

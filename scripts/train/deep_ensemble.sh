@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Deep Ensemble: three members trained with plain SGD (no SAM).
+#
+#   scripts/train/deep_ensemble.sh [extra main.py flags...]
+#
+# Environment (published Figure 7 values as defaults):
+#   DATASET=cifar10 (cifar100, tiny_imgnet, digits)   DATA_PATH=./datasets   SEEDS="13 17 27"
+#   EPOCHS=200  BATCH_SIZE=128  LR=0.1 (multistep x0.1 at epochs/2, 3*epochs/4)  WEIGHT_DECAY=5e-4
+#   MODEL=resnet18  WIDTH=64  RHO=0.2  FLAT_RATIO=0.5  INITIAL_EPOCHS=epochs/2 (100 of 200)
+#   DEVICE=auto  NGPUS=1 (>1: torchrun, members spread over the GPUs)  EXTRA="" (more main.py flags)
+#   SAVE_PATH=runs/<DATASET>/deep_ensemble/seeds_<SEEDS joined by _>   PYTHON=python
+# A run whose members all reached EPOCHS is skipped; an unfinished one resumes where it stopped.
+set -euo pipefail
+exec "$(dirname "${BASH_SOURCE[0]}")/_train.sh" deep_ensemble "$@"
