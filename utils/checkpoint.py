@@ -6,6 +6,7 @@ never a truncated one.
 """
 import os
 import tempfile
+import zipfile
 
 import torch
 
@@ -36,11 +37,15 @@ def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint dict safely; a missing or foreign file is a ``UserError``."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint '{path}' does not exist")
+    if not zipfile.is_zipfile(path):
+        # torch.save has written zip archives since torch 1.6; anything else is not a checkpoint
+        # (or a truncated one), and torch's own message about it would only confuse.
+        raise UserError(f"'{path}' is not a PyTorch checkpoint (not a torch.save archive, or truncated)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not our checkpoint"
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"'{path}' is not a readable checkpoint ({first_line[:160]})") from None
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise UserError(f"'{path}' cannot be read as a checkpoint with weights_only=True ({reason[:160]})") from None
     if not isinstance(state, dict) or "state_dict" not in state:
         raise UserError(f"'{path}' is not a checkpoint of this project (no 'state_dict' key)")
     return state
