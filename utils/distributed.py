@@ -28,6 +28,9 @@ def init_distributed(device):
     """Start the process group when launched by torchrun (nccl on CUDA, gloo otherwise)."""
     rank, world_size, _ = dist_env()
     if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            # NCCL binds each rank to the current device; make it this rank's GPU, not cuda:0.
+            torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return rank, world_size
 

@@ -299,9 +299,10 @@ def software_versions():
     versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                 "platform": platform.platform()}
     try:
-        import torchvision
-        versions["torchvision"] = torchvision.__version__
-    except ImportError:  # pragma: no cover
+        # Read the installed version without importing torchvision (an import costs ~2 s).
+        from importlib.metadata import PackageNotFoundError, version
+        versions["torchvision"] = version("torchvision")
+    except (ImportError, PackageNotFoundError):  # pragma: no cover
         pass
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
