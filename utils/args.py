@@ -8,10 +8,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Show defaults in --help and keep the description's line breaks."""
 
 
-class FriendlyParser(argparse.ArgumentParser):
-    """argparse already prints one usage line and the error, then exits with status 2."""
-
-
 def str2bool(value):
     """Parse the release's string booleans (``--sam True``) and the usual spellings."""
     if isinstance(value, bool):
@@ -25,14 +21,15 @@ def str2bool(value):
 
 
 def make_parser(description):
-    return FriendlyParser(description=description, formatter_class=HelpFormatter)
+    # argparse reports a bad flag as usage + one "error:" line and exits with status 2, which is
+    # already the project's convention for user mistakes.
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
 
 
 def add_data_args(parser, flag="--data"):
     """``flag`` is ``--data`` for main.py and ``--dataset`` for the measure scripts (released names)."""
     group = parser.add_argument_group("data")
-    group.add_argument(flag, dest="data" if flag == "--data" else "dataset", default="digits"
-                       if flag == "--data" else "digits", choices=DATASET_CHOICES,
+    group.add_argument(flag, dest=flag.lstrip("-"), default="digits", choices=DATASET_CHOICES,
                        help="dataset; digits is embedded (scikit-learn 8x8 digits, no download)")
     group.add_argument("--data_path", default="./datasets",
                        help="dataset root (CIFAR: torchvision layout; Tiny-ImageNet: the "
