@@ -11,9 +11,8 @@ Rerunning the same command resumes every member from its last completed epoch. S
 import os
 import sys
 
-import numpy as np
 
-from data import BatchLoader, build_datasets
+from data import build_datasets
 from utils.args import (add_data_args, add_device_args, add_model_args, make_parser, parse_seeds,
                         str2bool)
 from utils.device import select_device

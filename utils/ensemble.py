@@ -140,38 +140,45 @@ def build_model(path, state, spec, dataset):
     return model
 
 
-def load_members(args, device, min_members=1):
-    """Load every member on ``device`` in eval mode, checking they form one ensemble."""
-    from data import dataset_info
+def load_member_files(paths, dataset, device, model=None, width=None):
+    """Load checkpoint files as one ensemble on ``device`` (eval mode); returns (members, spec).
 
-    paths = find_member_checkpoints(args.resume, args.checkpoint)
-    if len(paths) < min_members:
-        raise UserError(f"mode '{args.mode}' compares members and needs at least {min_members} models; "
-                        f"--resume gave {len(paths)} ({', '.join(paths)})")
-    info = dataset_info(args.dataset)
+    Architecture, width and class count come from each checkpoint, ``model``/``width`` only fill
+    gaps (and must not contradict it); every member must match the first and ``dataset``.
+    """
+    from data import dataset_info
+    info = dataset_info(dataset)
     members, specs = [], []
     for path in paths:
         state = load_checkpoint(path)
-        spec = {"model": state.get("model") or args.model or "resnet18",
-                "width": int(state.get("width") or args.width or 64),
+        spec = {"model": state.get("model") or model or "resnet18",
+                "width": int(state.get("width") or width or 64),
                 "num_classes": int(state.get("num_classes") or info.num_classes)}
         trained_on = state.get("dataset")
-        if trained_on and trained_on != args.dataset:
-            raise UserError(f"checkpoint '{path}' was trained on {trained_on}, but --dataset is {args.dataset}")
-        for key in ("model", "width"):
-            given = getattr(args, key)
+        if trained_on and trained_on != dataset:
+            raise UserError(f"checkpoint '{path}' was trained on {trained_on}, but --dataset is {dataset}")
+        for key, given in (("model", model), ("width", width)):
             if given is not None and state.get(key) is not None and given != state[key]:
                 raise UserError(f"checkpoint '{path}' holds {key} {state[key]}, but --{key} is {given}")
         if spec["num_classes"] != info.num_classes:
-            raise UserError(f"checkpoint '{path}' has {spec['num_classes']} classes, but {args.dataset} "
+            raise UserError(f"checkpoint '{path}' has {spec['num_classes']} classes, but {dataset} "
                             f"has {info.num_classes}")
         if specs and spec != specs[0]:
             raise UserError(f"checkpoints differ: '{paths[0]}' is {specs[0]} but '{path}' is {spec}; "
                             "an ensemble needs one architecture, width and class count")
-        model = build_model(path, state, spec, args.dataset)
+        net = build_model(path, state, spec, dataset)
         specs.append(spec)
-        members.append(Member(path, model.to(device).eval(), state.get("seed")))
+        members.append(Member(path, net.to(device).eval(), state.get("seed")))
     return members, specs[0]
+
+
+def load_members(args, device, min_members=1):
+    """The members named by ``--resume`` (see the module docstring), checked to form one ensemble."""
+    paths = find_member_checkpoints(args.resume, args.checkpoint)
+    if len(paths) < min_members:
+        raise UserError(f"mode '{args.mode}' compares members and needs at least {min_members} models; "
+                        f"--resume gave {len(paths)} ({', '.join(paths)})")
+    return load_member_files(paths, args.dataset, device, model=args.model, width=args.width)
 
 
 # --------------------------------------------------------------------------------------- splits
@@ -436,15 +443,14 @@ def ensemble_summary(directory, seeds, splits, device, eval_batch_size=500, whic
     file exists). Returns {split: ensemble_report}.
     """
     from utils import metrics
-    models = []
+    paths = []
     for seed in seeds:
         path = os.path.join(directory, f"seed_{seed}", CHECKPOINT_FILES[which])
         if not os.path.isfile(path):
             path = os.path.join(directory, f"seed_{seed}", CHECKPOINT_FILES["last"])
-        state = load_checkpoint(path)
-        spec = {"model": state.get("model") or "resnet18", "width": int(state.get("width") or 64),
-                "num_classes": int(state.get("num_classes") or splits.info.num_classes)}
-        models.append(build_model(path, state, spec, splits.info.name).to(device).eval())
+        paths.append(path)
+    members, _ = load_member_files(paths, splits.info.name, device)
+    models = [member.model for member in members]
     out = {}
     for name in ("val", "test"):
         dataset = getattr(splits, name)

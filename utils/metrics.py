@@ -68,8 +68,8 @@ def ece(probs, labels, n_bins=ECE_BINS):
     confidence = probs.max(axis=-1)
     correct = (probs.argmax(axis=-1) == labels).astype(np.float64)
     # bin b holds confidences in (b/n_bins, (b+1)/n_bins]; ceil-1 maps 0 to bin 0 after the clip
+    # sum_b (n_b/N)·|acc_b − conf_b| = sum_b |Σ correct − Σ confidence| / N, so no counts are needed
     bins = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
-    counts = np.bincount(bins, minlength=n_bins)
     conf_sums = np.bincount(bins, weights=confidence, minlength=n_bins)
     acc_sums = np.bincount(bins, weights=correct, minlength=n_bins)
     return float(np.abs(acc_sums - conf_sums).sum() / len(labels))

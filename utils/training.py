@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import random
-import time
 
 import numpy as np
 import torch
@@ -150,7 +149,7 @@ class Member:
             writer.writerows(rows)
 
     # ------------------------------------------------------------------------------ training
-    def phase(self, epoch):
+    def phase(self):
         if not self.args.sam:
             return "sgd"
         if self.sam_mask is not None:
@@ -161,7 +160,7 @@ class Member:
         args = self.args
         while self.epochs_done < end_epoch:
             epoch = self.epochs_done
-            phase = self.phase(epoch)
+            phase = self.phase()
             lr = self.scheduler.get_last_lr()[0]
             desc = f"seed {self.seed} epoch {epoch + 1}/{args.epochs}"
             stats = train_one_epoch(self.model, self.optimizer, self.train_loader, epoch, use_sam=args.sam,
