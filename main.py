@@ -11,7 +11,6 @@ Rerunning the same command resumes every member from its last completed epoch. S
 import os
 import sys
 
-
 from data import build_datasets
 from utils.args import (add_data_args, add_device_args, add_model_args, make_parser, parse_seeds,
                         str2bool)
