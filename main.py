@@ -12,13 +12,12 @@ import os
 import sys
 
 from data import build_datasets
-from utils.args import (add_data_args, add_device_args, add_model_args, make_parser, parse_seeds,
-                        str2bool)
+from training.scores import SHARPNESS_BACKENDS
+from training.split import SELECT_CHOICES, SPLIT_RULE_CHOICES, TRAIN_SUBSET_CHOICES
+from utils.args import add_data_args, add_device_args, add_model_args, make_parser, parse_seeds, str2bool
 from utils.device import select_device
 from utils.distributed import destroy, dist_env, init_distributed
 from utils.errors import UserError, run_main
-from utils.sharpbalance import (SELECT_CHOICES, SHARPNESS_BACKENDS, SPLIT_RULE_CHOICES,
-                                TRAIN_SUBSET_CHOICES)
 
 
 def get_parser():
@@ -90,7 +89,7 @@ def check_args(args):
     if args.initial_epochs < -1:
         raise UserError(f"--initial_epochs must be >= -1, got {args.initial_epochs}")
     if args.save_path is None:
-        from utils.training import method_name
+        from training.trainer import method_name
         args.save_path = os.path.join("runs", f"{args.data}_{method_name(args)}")
 
 
@@ -102,11 +101,11 @@ def main(argv=None):
     splits = build_datasets(args.data, args.data_path, tiny_val=args.tiny_val, download=(rank == 0))
     if args.evaluate:
         # Loading and ensemble prediction are shared with the measure scripts.
-        from utils.ensemble import ensemble_summary
+        from measure.loading import ensemble_summary
         return ensemble_summary(args.resume or args.save_path, args.seeds, splits, device,
                                 eval_batch_size=args.eval_batch_size)
     rank, world_size = init_distributed(device)
-    from utils.training import run_training
+    from training.trainer import run_training
     try:
         run_training(args, splits, device, rank, world_size)
     finally:

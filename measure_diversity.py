@@ -15,9 +15,8 @@ import itertools
 
 from tqdm import tqdm
 
-from utils import ensemble, metrics
+from measure import cli, forward, inputs, metrics, result_files
 from utils.errors import run_main
-
 
 # mode -> (report of one split from (logits, labels), how cells combine, members needed)
 MODES = {
@@ -30,8 +29,8 @@ HEADLINE = {"predict": ("ensemble_accuracy", "average_individual_accuracy"),
 
 
 def get_parser():
-    parser, group = ensemble.build_parser(__doc__, tuple(MODES), "predict,disagreement", 200)
-    ensemble.add_corruption_args(group)
+    parser, group = cli.build_parser(__doc__, tuple(MODES), "predict,disagreement", 200)
+    inputs.add_corruption_args(group)
     group.add_argument("--logits_dir", default=None,
                        help="also keep every member's logits here as .npy and reuse them on later runs")
     return parser
@@ -39,10 +38,10 @@ def get_parser():
 
 def measure(args, modes, members, device, corruptions):
     """Run every split once through every member; return {mode: (clean reports, cell list)}."""
-    cache = ensemble.LogitCache(members, device, args.eval_batch_size, args.logits_dir)
+    cache = forward.LogitCache(members, device, args.eval_batch_size, args.logits_dir)
     clean = {mode: {} for mode in modes}
     cells = {mode: [] for mode in modes}
-    splits = itertools.chain(ensemble.clean_splits(args), ensemble.corrupted_splits(args, corruptions))
+    splits = itertools.chain(inputs.clean_splits(args), inputs.corrupted_splits(args, corruptions))
     for split in tqdm(splits, total=2 + 5 * len(corruptions), desc="splits"):
         logits, labels = cache.get(split)
         for mode in modes:
@@ -57,18 +56,18 @@ def measure(args, modes, members, device, corruptions):
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    modes = ensemble.parse_modes(args.mode, tuple(MODES))
-    corruptions = ensemble.corruption_selection(args)
-    ensemble.check_corruption_files(args, corruptions)
-    device, members, spec = ensemble.open_run(args, min_members=max(MODES[m][2] for m in modes))
+    modes = cli.parse_modes(args.mode, tuple(MODES))
+    corruptions = inputs.corruption_selection(args)
+    inputs.check_corruption_files(args, corruptions)
+    device, members, spec = cli.open_run(args, min_members=max(MODES[m][2] for m in modes))
     results = measure(args, modes, members, device, corruptions)
-    meta = ensemble.run_metadata(args, __file__, members, spec, device, corruptions=corruptions,
+    meta = result_files.run_metadata(args, __file__, members, spec, device, corruptions=corruptions,
                                  ensemble_rule="mean of member softmax probabilities", ece_bins=metrics.ECE_BINS)
     for mode in modes:
         clean, cells = results[mode]
         summary = metrics.summarise_cells(cells, MODES[mode][1])
         payload = dict(meta=dict(meta, mode=mode), **clean, corruptions=summary)
-        ensemble.write_results(args.save, mode, payload, ensemble.summary_rows(mode, clean, summary))
+        result_files.write_results(args.save, mode, payload, result_files.summary_rows(mode, clean, summary))
         for name, report in list(clean.items()) + ([("ood", summary["ood"])] if summary else []):
             values = ", ".join(f"{key} {report[key]:.4f}" for key in HEADLINE[mode])
             print(f"{mode:12s} {name:4s}: {values}", flush=True)

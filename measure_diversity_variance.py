@@ -12,16 +12,15 @@ not grow with the number of images. Output: <save>/<mode>.json and .csv.
 """
 from tqdm import tqdm
 
-from utils import ensemble, metrics
+from measure import cli, forward, inputs, metrics, result_files
 from utils.errors import UserError, run_main
-
 
 MODES = ("variance_mse_c", "variance_mse")
 
 
 def get_parser():
-    parser, group = ensemble.build_parser(__doc__, MODES, "variance_mse_c", 200)
-    ensemble.add_corruption_args(group)
+    parser, group = cli.build_parser(__doc__, MODES, "variance_mse_c", 200)
+    inputs.add_corruption_args(group)
     return parser
 
 
@@ -30,7 +29,7 @@ def stream_variance(splits, members, device, batch_size, total=None):
     models = [m.model for m in members]
     accumulator = metrics.VarianceAccumulator()
     for split in tqdm(splits, total=total, desc="splits"):
-        for logits, _ in ensemble.member_forward(models, split.dataset, batch_size, device, desc=f"variance {split.key}"):
+        for logits, _ in forward.member_forward(models, split.dataset, batch_size, device, desc=f"variance {split.key}"):
             accumulator.update(split.key, logits.double().cpu().numpy())
     return accumulator
 
@@ -63,7 +62,7 @@ def corrupted_payload(accumulator, cells):
 def measure_corrupted(args, members, device, corruptions):
     """variance_mse_c: pooled over all cells, per corruption, per severity and per cell; tidy rows."""
     mode, cells = "variance_mse_c", []
-    accumulator = stream_variance(_recording(ensemble.corrupted_splits(args, corruptions), cells),
+    accumulator = stream_variance(_recording(inputs.corrupted_splits(args, corruptions), cells),
                                   members, device, args.eval_batch_size, total=5 * len(corruptions))
     result = corrupted_payload(accumulator, cells)
     rows = [dict(mode=mode, split="ood", metric="variance_unbias", value=result["variance_unbias"])]
@@ -78,7 +77,7 @@ def measure_corrupted(args, members, device, corruptions):
 
 def measure_clean(args, members, device):
     """variance_mse: the clean test set."""
-    accumulator = stream_variance(ensemble.clean_splits(args, which=("test",)), members, device,
+    accumulator = stream_variance(inputs.clean_splits(args, which=("test",)), members, device,
                                   args.eval_batch_size)
     overall, _, n = accumulator.result()
     rows = [dict(mode="variance_mse", split="test", metric="variance_unbias", value=overall)]
@@ -87,13 +86,13 @@ def measure_clean(args, members, device):
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    modes = ensemble.parse_modes(args.mode, MODES)
-    corruptions = ensemble.corruption_selection(args) if "variance_mse_c" in modes else []
+    modes = cli.parse_modes(args.mode, MODES)
+    corruptions = inputs.corruption_selection(args) if "variance_mse_c" in modes else []
     if "variance_mse_c" in modes and not corruptions:
         raise UserError("variance_mse_c needs the -C set; drop --corruptions none or use --mode variance_mse")
-    ensemble.check_corruption_files(args, corruptions)
-    device, members, spec = ensemble.open_run(args, min_members=2)
-    meta = ensemble.run_metadata(args, __file__, members, spec, device,
+    inputs.check_corruption_files(args, corruptions)
+    device, members, spec = cli.open_run(args, min_members=2)
+    meta = result_files.run_metadata(args, __file__, members, spec, device,
                                  definition="mean over inputs of the sum over classes of the unbiased "
                                             "(1/(M-1)) variance of the raw logits across members")
     for mode in modes:
@@ -103,7 +102,7 @@ def main(argv=None):
         else:
             result, rows = measure_clean(args, members, device)
             payload = dict(meta=dict(meta, mode=mode), **result)
-        ensemble.write_results(args.save, mode, payload, rows)
+        result_files.write_results(args.save, mode, payload, rows)
         print(f"{mode}: variance {result['variance_unbias']:.6g} over {result['n']} images", flush=True)
 
 

@@ -16,7 +16,7 @@ of 128 (flags given explicitly still win). Output: <save>/<mode>.json and .csv, 
 """
 import numpy as np
 
-from utils import ensemble, sharpness
+from measure import cli, inputs, result_files, sharpness
 from utils.args import str2bool
 from utils.errors import UserError, run_main
 
@@ -27,7 +27,7 @@ SUMMARY_KEYS = ("sharpness", "error_increase", "max_delta_norm", "init_loss", "i
 
 
 def get_parser():
-    parser, group = ensemble.build_parser(__doc__, MODES, "APGD_worst", None,
+    parser, group = cli.build_parser(__doc__, MODES, "APGD_worst", None,
                                            "images per sharpness batch (None = the preset's)")
     group.add_argument("--preset", default="release", choices=tuple(PRESETS),
                        help="release: SharpBalance's settings; tml: the tml-epfl sharpness paper's linf setting")
@@ -67,7 +67,7 @@ def resolve_settings(args):
 def fixed_batches(args, device):
     """The seeded training batches every model is measured on, and their sample indices."""
     from data import BatchLoader
-    train = next(ensemble.clean_splits(args, which=("train_eval",))).dataset
+    train = next(inputs.clean_splits(args, which=("train_eval",))).dataset
     order = sharpness.release_shuffle_order(len(train), args.seed)[: args.batch_num * args.eval_batch_size]
     if len(order) < args.batch_num * args.eval_batch_size:
         print(f"note: the training split has {len(order)} images, fewer than "
@@ -101,11 +101,11 @@ def tidy(mode, individual):
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    modes = ensemble.parse_modes(args.mode, MODES)
+    modes = cli.parse_modes(args.mode, MODES)
     rhos, norms = resolve_settings(args)
-    device, members, spec = ensemble.open_run(args, min_members=1)
+    device, members, spec = cli.open_run(args, min_members=1)
     batches, indices = fixed_batches(args, device)
-    meta = ensemble.run_metadata(
+    meta = result_files.run_metadata(
         args, __file__, members, spec, device, preset=args.preset, rho=rhos, norms=norms,
         adaptive=args.adaptive, n_iters=args.n_iters, avg_draws=args.avg_draws, batch_num=len(batches),
         batch_size=args.eval_batch_size, batch_seed=args.seed, logit_norm=args.logit_norm,
@@ -127,7 +127,7 @@ def main(argv=None):
             for key, value in mean.items():
                 per = ", ".join(f"{r[key]['sharpness']:.4g}" for r in individual)
                 print(f"{mode} {key}: mean {value:.4g} (members {per})", flush=True)
-        ensemble.write_results(args.save, mode, dict(meta=dict(meta, mode=mode), **payload), rows)
+        result_files.write_results(args.save, mode, dict(meta=dict(meta, mode=mode), **payload), rows)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data import BatchLoader, ImageArrayDataset, dataset_info  # noqa: E402
 from models import create_model  # noqa: E402
-from utils import ensemble  # noqa: E402
+from measure import forward, inputs, loading  # noqa: E402
 from utils.device import select_device  # noqa: E402
 
 
@@ -39,8 +39,8 @@ def bare_loop(models, dataset, batch_size, device):
 
 def predict_pass(members, dataset, batch_size, device):
     import measure_diversity
-    cache = ensemble.LogitCache(members, device, batch_size)
-    split = ensemble.Split("test", "test", None, None, dataset)
+    cache = forward.LogitCache(members, device, batch_size)
+    split = inputs.Split("test", "test", None, None, dataset)
     logits, labels = cache.get(split)
     reports = {mode: fn(logits, labels) for mode, (fn, _, _) in measure_diversity.MODES.items()}
     cache.drop(split.key)
@@ -69,7 +69,7 @@ def main(argv=None):
     for seed in range(args.members):
         torch.manual_seed(seed)
         model = create_model("resnet18", 10, width=args.width).to(device).eval()
-        members.append(ensemble.Member(f"member{seed}", model, seed))
+        members.append(loading.Member(f"member{seed}", model, seed))
     models = [m.model for m in members]
     bare_loop(models, dataset, args.batch_size, device)  # warm-up (allocator, kernels, device copy)
     times = {"bare": [], "predict": []}

@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from utils import report as rp  # noqa: E402
+from reporting import figure7 as rp  # noqa: E402
 
 COLOURS = {"deep_ensemble": "#4C72B0", "sam": "#DD8452", "sharpbalance": "#55A868"}
 MARKERS = {"deep_ensemble": "o", "sam": "s", "sharpbalance": "^"}

@@ -18,9 +18,9 @@ import measure_diversity_variance
 import measure_sharpness
 from fixtures import make_cifar, make_cifar_c, make_tiny_imagenet
 from models import create_model
-from utils import ensemble, metrics
+from measure import forward, inputs, loading, metrics, result_files
 from utils.checkpoint import save_checkpoint
-from utils.errors import run_main
+from utils.errors import UserError, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = (13, 17)
@@ -98,12 +98,12 @@ def test_readme_commands_run_verbatim(cifar, tmp_path):
 def test_predict_agrees_with_a_direct_computation(cifar, tmp_path, monkeypatch):
     data, run = cifar
     calls = []
-    original = ensemble.member_forward
+    original = forward.member_forward
 
     def counting(models, dataset, *a, **k):
         calls.append(len(models))
         return original(models, dataset, *a, **k)
-    monkeypatch.setattr(ensemble, "member_forward", counting)
+    monkeypatch.setattr(forward, "member_forward", counting)
     save = str(tmp_path / "out")
     measure_diversity.main(["--dataset", "cifar10", "--data_path", data, "--resume", run, "--mode",
                             "predict,disagreement,KL", "--save", save, "--eval-batch-size", "7", "--device", "cpu"])
@@ -138,7 +138,7 @@ def test_predict_agrees_with_a_direct_computation(cifar, tmp_path, monkeypatch):
     assert np.allclose(kl["test"]["kl"], metrics.kl_matrix(logits), rtol=1e-4, atol=1e-7)
     with open(os.path.join(save, "predict.csv")) as f:
         rows = list(csv.DictReader(f))
-    assert set(rows[0]) == set(ensemble.CSV_FIELDS)
+    assert set(rows[0]) == set(result_files.CSV_FIELDS)
     ood = [r for r in rows if r["split"] == "ood" and r["member"] == "ensemble" and r["metric"] == "accuracy"]
     assert float(ood[0]["value"]) == pytest.approx(predict["corruptions"]["ood"]["ensemble_accuracy"])
 
@@ -146,8 +146,8 @@ def test_predict_agrees_with_a_direct_computation(cifar, tmp_path, monkeypatch):
 def test_saved_logits_are_reused(cifar, tmp_path, monkeypatch):
     data, run = cifar
     calls = []
-    original = ensemble.member_forward
-    monkeypatch.setattr(ensemble, "member_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = forward.member_forward
+    monkeypatch.setattr(forward, "member_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
     argv = ["--dataset", "cifar10", "--data_path", data, "--resume", run, "--mode", "predict", "--device", "cpu",
             "--corruptions", "none", "--logits_dir", str(tmp_path / "logits")]
     measure_diversity.main(argv + ["--save", str(tmp_path / "a")])
@@ -167,15 +167,15 @@ def test_variance_streams_to_the_direct_value(cifar, tmp_path):
     var_c = _load(os.path.join(save, "variance_mse_c.json"))
     var = _load(os.path.join(save, "variance_mse.json"))
     args = measure_diversity.get_parser().parse_args(argv + ["--corruptions", "fog,snow"])
-    members, _ = ensemble.load_members(args, torch.device("cpu"), 2)
-    cache = ensemble.LogitCache(members, torch.device("cpu"), 11)
-    cell_logits = {s.key: cache.get(s)[0] for s in ensemble.corrupted_splits(args, ["fog", "snow"])}
+    members, _ = loading.load_members(args, torch.device("cpu"), 2)
+    cache = forward.LogitCache(members, torch.device("cpu"), 11)
+    cell_logits = {s.key: cache.get(s)[0] for s in inputs.corrupted_splits(args, ["fog", "snow"])}
     every = np.concatenate(list(cell_logits.values()), axis=1)
     snow = np.concatenate([cell_logits[f"snow_{s}"] for s in range(1, 6)], axis=1)
     assert var_c["variance_unbias"] == pytest.approx(metrics.logit_variance(every), rel=1e-5)
     assert var_c["per_corruption"]["snow"] == pytest.approx(metrics.logit_variance(snow), rel=1e-5)
     assert var_c["n"] == 10 * 24 and set(var_c["cells"]) == {f"{c}_{s}" for c in ("fog", "snow") for s in range(1, 6)}
-    test_logits = cache.get(next(ensemble.clean_splits(args, which=("test",))))[0]
+    test_logits = cache.get(next(inputs.clean_splits(args, which=("test",))))[0]
     assert var["variance_unbias"] == pytest.approx(metrics.logit_variance(test_logits), rel=1e-5)
 
 
@@ -286,10 +286,10 @@ def test_bad_input_exit_status_from_the_command_line(cifar, tmp_path):
 
 def test_run_directory_discovery(tmp_path):
     run = make_run(tmp_path / "run", seeds=(27, 13, 113))
-    found = ensemble.find_member_checkpoints([run], "best")
+    found = loading.find_member_checkpoints([run], "best")
     assert [os.path.basename(os.path.dirname(p)) for p in found] == ["seed_13", "seed_27", "seed_113"]
-    assert ensemble.find_member_checkpoints([os.path.join(run, "seed_27")], "last")[0].endswith(
+    assert loading.find_member_checkpoints([os.path.join(run, "seed_27")], "last")[0].endswith(
         os.path.join("seed_27", "checkpoint.pth.tar"))
     os.remove(os.path.join(run, "seed_27", "model_best.pth.tar"))
-    with pytest.raises(ensemble.UserError, match="--checkpoint last"):
-        ensemble.find_member_checkpoints([run], "best")
+    with pytest.raises(UserError, match="--checkpoint last"):
+        loading.find_member_checkpoints([run], "best")

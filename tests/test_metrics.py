@@ -1,10 +1,10 @@
-"""Metrics against brute-force loops on hand-made logits (utils/metrics.py)."""
+"""Metrics against brute-force loops on hand-made logits (measure/metrics.py)."""
 import math
 
 import numpy as np
 import pytest
 
-from utils import metrics
+from measure import metrics
 
 
 def _softmax_loop(row):

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from utils.sam import SAM, mixed_step, sam_step, sgd_step
+from training.sam import SAM, mixed_step, sam_step, sgd_step
 
 LR, MOMENTUM, WEIGHT_DECAY, RHO = 0.1, 0.9, 5e-4, 0.2
 

@@ -150,7 +150,7 @@ def test_report_three_datasets_mean_std_and_missing(tmp_path):
     spec = importlib.util.spec_from_file_location("figure7_report", os.path.join(ROOT, "scripts", "report.py"))
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
-    from utils import report as rp
+    from reporting import figure7 as rp
     results = str(tmp_path / "results")
     datasets = ("cifar10", "cifar100", "tiny_imgnet")
     ensembles = ("seeds_13_17_27", "seeds_113_117_127", "seeds_43_59_223")

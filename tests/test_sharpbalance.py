@@ -10,10 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from training.scores import per_sample_sharpness, per_sample_sharpness_loop
+from training.split import build_sam_masks, low_score_sets, random_sam_masks, resolve_split_rule, sam_masks
 from utils.errors import UserError
-from utils.sharpbalance import (build_sam_masks, low_score_sets, per_sample_sharpness,
-                                per_sample_sharpness_loop, random_sam_masks, resolve_split_rule,
-                                sam_masks)
 
 
 def as_set(mask_row):
@@ -326,7 +325,7 @@ def test_hooks_exact_on_layers_of_every_kind():
 
 
 def test_gram_and_materialised_forms_agree():
-    from utils.sharpbalance import _layer_grads, _layer_squared_norm, _use_gram
+    from training.scores import _layer_grads, _layer_squared_norm, _use_gram
     torch.manual_seed(6)
     conv = nn.Conv2d(32, 32, 3, padding=1)
     x, g = torch.randn(4, 32, 2, 2), torch.randn(4, 32, 2, 2)
@@ -428,14 +427,14 @@ def test_backend_validation_and_positional_signature():
     loader = loader_over(images, targets)
     with pytest.raises(ValueError, match="backend"):
         per_sample_sharpness(model, loader, "cpu", backend="jax")
-    # The call utils/training.py makes (positional device, chunk_size/progress/num_samples keywords).
+    # The call training/trainer.py makes (positional device, chunk_size/progress/num_samples keywords).
     scores = per_sample_sharpness(model, loader, "cpu", chunk_size=2, progress=False, num_samples=5)
     torch.testing.assert_close(scores, reference_scores(model, images, targets).float(), rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("shape", [(4, 3), (4, 3, 5), (4, 3, 2, 5)])
 def test_batchnorm_per_sample_gradients_in_eval_mode(shape):
-    from utils.sharpbalance import _layer_grads, _layer_squared_norm
+    from training.scores import _layer_grads, _layer_squared_norm
     torch.manual_seed(11)
     bn = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}[len(shape)](shape[1])
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Worst-case (APGD), average-case and Fisher sharpness (utils/sharpness.py)."""
+"""Worst-case (APGD), average-case and Fisher sharpness (measure/sharpness.py)."""
 import itertools
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import sharpness as sh
+from measure import sharpness as sh
 
 
 def _tiny_net(seed=0):

@@ -1,4 +1,4 @@
-"""Tests for utils/theory.py and theoretical_verification.ipynb (SPEC §7).
+"""Tests for theory/ and theoretical_verification.ipynb (SPEC §7).
 
 Each closed form is checked against a computation that does not share its algebra: Monte-Carlo
 traces of random Gram matrices, numerical integration of the Marchenko–Pastur density, literal SAM
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import integrate
 
-from utils import theory
+import theory
 
 S = theory.SPEC_SETTINGS
 N, D, P, SPLITS = S["n"], S["d"], S["p"], S["s"]

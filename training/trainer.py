@@ -22,12 +22,13 @@ import torch
 
 from data import BatchLoader
 from models import create_model
+from training.engine import NonFiniteLoss, evaluate, train_one_epoch
+from training.sam import SAM
+from training.scores import per_sample_sharpness
+from training.split import build_sam_masks, resolve_split_rule
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.distributed import barrier, gather_member_rows, members_for_rank
-from utils.engine import NonFiniteLoss, evaluate, train_one_epoch
 from utils.errors import UserError
-from utils.sam import SAM
-from utils.sharpbalance import build_sam_masks, per_sample_sharpness, resolve_split_rule
 
 # Arguments that define what is trained: a resumed run must agree on all of them.
 METHOD_KEYS = ("data", "model", "width", "seeds", "epochs", "lr", "lrsche", "batch_size", "momentum",

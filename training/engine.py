@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils.sam import mixed_step
+from training.sam import mixed_step
 
 
 class NonFiniteLoss(RuntimeError):

@@ -1,0 +1,142 @@
+"""Finding and loading the members of a trained ensemble.
+
+``--resume`` takes checkpoint files and/or run directories written by main.py. A run directory
+``<save_path>`` contributes ``seed_<s>/model_best.pth.tar`` (``--checkpoint best``, default) or
+``seed_<s>/checkpoint.pth.tar`` (``--checkpoint last``) for every ``seed_<s>`` folder, in
+increasing seed order; a ``seed_<s>`` folder itself contributes its one file. Architecture,
+width, dataset and class count come from the checkpoint (main.py stores them); checkpoints
+without them (older or foreign files holding only ``state_dict``) fall back to --model,
+--width and --dataset. Members must agree on architecture, width and class count.
+"""
+import glob
+import os
+import re
+from collections import namedtuple
+
+import numpy as np
+
+from utils.checkpoint import load_checkpoint
+from utils.errors import UserError
+
+CHECKPOINT_FILES = {"best": "model_best.pth.tar", "last": "checkpoint.pth.tar"}
+Member = namedtuple("Member", "path model seed")
+
+
+def _seed_of(folder):
+    match = re.fullmatch(r"seed_(-?\d+)", os.path.basename(os.path.normpath(folder)))
+    return int(match.group(1)) if match else None
+
+
+def find_member_checkpoints(resume, which="best"):
+    """Expand --resume into checkpoint files (see the module docstring)."""
+    filename = CHECKPOINT_FILES[which]
+    paths = []
+    for entry in resume:
+        if os.path.isfile(entry):
+            paths.append(entry)
+            continue
+        if not os.path.isdir(entry):
+            raise UserError(f"--resume '{entry}' does not exist")
+        seed_dirs = sorted((d for d in glob.glob(os.path.join(entry, "seed_*")) if os.path.isdir(d)
+                            and _seed_of(d) is not None), key=_seed_of)
+        folders = seed_dirs or [entry]
+        for folder in folders:
+            path = os.path.join(folder, filename)
+            if not os.path.isfile(path):
+                other = os.path.join(folder, CHECKPOINT_FILES["last" if which == "best" else "best"])
+                hint = f" ('{other}' exists: use --checkpoint {'last' if which == 'best' else 'best'})" \
+                    if os.path.isfile(other) else ""
+                if not seed_dirs and not os.path.isfile(other):
+                    raise UserError(f"--resume '{entry}' holds neither checkpoint files nor seed_<s> run folders")
+                raise UserError(f"checkpoint '{path}' is missing{hint}")
+            paths.append(path)
+    return paths
+
+
+def _strip_prefix(state_dict):
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def build_model(path, state, spec, dataset):
+    """The model described by ``spec`` with the checkpoint's weights; a mismatch is a UserError."""
+    from models import create_model
+    model = create_model(spec["model"], spec["num_classes"], width=spec["width"], dataset=dataset)
+    try:
+        model.load_state_dict(_strip_prefix(state["state_dict"]))
+    except RuntimeError as err:
+        lines = str(err).strip().splitlines()
+        detail = "; ".join(line.strip() for line in lines[:2])
+        raise UserError(f"checkpoint '{path}' does not fit {spec['model']} (width {spec['width']}, "
+                        f"{spec['num_classes']} classes): {detail[:200]}") from None
+    return model
+
+
+def load_member_files(paths, dataset, device, model=None, width=None):
+    """Load checkpoint files as one ensemble on ``device`` (eval mode); returns (members, spec).
+
+    Architecture, width and class count come from each checkpoint, ``model``/``width`` only fill
+    gaps (and must not contradict it); every member must match the first and ``dataset``.
+    """
+    from data import dataset_info
+    info = dataset_info(dataset)
+    members, specs = [], []
+    for path in paths:
+        state = load_checkpoint(path)
+        spec = {"model": state.get("model") or model or "resnet18",
+                "width": int(state.get("width") or width or 64),
+                "num_classes": int(state.get("num_classes") or info.num_classes)}
+        trained_on = state.get("dataset")
+        if trained_on and trained_on != dataset:
+            raise UserError(f"checkpoint '{path}' was trained on {trained_on}, but --dataset is {dataset}")
+        for key, given in (("model", model), ("width", width)):
+            if given is not None and state.get(key) is not None and given != state[key]:
+                raise UserError(f"checkpoint '{path}' holds {key} {state[key]}, but --{key} is {given}")
+        if spec["num_classes"] != info.num_classes:
+            raise UserError(f"checkpoint '{path}' has {spec['num_classes']} classes, but {dataset} "
+                            f"has {info.num_classes}")
+        if specs and spec != specs[0]:
+            raise UserError(f"checkpoints differ: '{paths[0]}' is {specs[0]} but '{path}' is {spec}; "
+                            "an ensemble needs one architecture, width and class count")
+        net = build_model(path, state, spec, dataset)
+        specs.append(spec)
+        members.append(Member(path, net.to(device).eval(), state.get("seed")))
+    return members, specs[0]
+
+
+def load_members(args, device, min_members=1):
+    """The members named by ``--resume`` (see the module docstring), checked to form one ensemble."""
+    paths = find_member_checkpoints(args.resume, args.checkpoint)
+    if len(paths) < min_members:
+        raise UserError(f"mode '{args.mode}' compares members and needs at least {min_members} models; "
+                        f"--resume gave {len(paths)} ({', '.join(paths)})")
+    return load_member_files(paths, args.dataset, device, model=args.model, width=args.width)
+
+
+def ensemble_summary(directory, seeds, splits, device, eval_batch_size=500, which="best"):
+    """Print each member's and the ensemble's validation and test accuracy (main.py --evaluate).
+
+    Members are ``<directory>/seed_<s>/model_best.pth.tar`` (``checkpoint.pth.tar`` where no best
+    file exists). Returns {split: ensemble_report}.
+    """
+    from measure import metrics
+    from measure.forward import member_forward
+    paths = []
+    for seed in seeds:
+        path = os.path.join(directory, f"seed_{seed}", CHECKPOINT_FILES[which])
+        if not os.path.isfile(path):
+            path = os.path.join(directory, f"seed_{seed}", CHECKPOINT_FILES["last"])
+        paths.append(path)
+    members, _ = load_member_files(paths, splits.info.name, device)
+    models = [member.model for member in members]
+    out = {}
+    for name in ("val", "test"):
+        dataset = getattr(splits, name)
+        chunks = [z.float().cpu().numpy() for z, _ in member_forward(models, dataset, eval_batch_size, device)]
+        report = metrics.ensemble_report(np.concatenate(chunks, axis=1), np.asarray(dataset.labels))
+        members = " ".join(f"{a:.4f}" for a in report["individual_accuracy"])
+        print(f"{name:4s}: ensemble acc {report['ensemble_accuracy']:.4f} nll {report['ensemble_loss']:.4f} | "
+              f"members {members} (mean {report['average_individual_accuracy']:.4f})", flush=True)
+        out[name] = report
+    return out

@@ -1,0 +1,8 @@
+"""Training an ensemble: deep ensemble, DE + SAM, SharpBalance.
+
+    sam.py      SAM (first_step / second_step around a base optimizer) and SharpBalance's mixed step
+    scores.py   per-sample sharpness ‖∇θ CE(f(x), y)‖² of every training sample (torch.func or hooks)
+    split.py    the split: per-member SAM masks from the (members × samples) score matrix (pure)
+    engine.py   one training epoch and one evaluation pass
+    trainer.py  the run: members phase by phase, checkpoints, resume, the split, several processes
+"""
