@@ -8,6 +8,7 @@
 #
 # Environment (published values as defaults):
 #   DATASETS="cifar10 cifar100 tiny_imgnet" (also: digits)   METHODS="deep_ensemble sam sharpbalance"
+#     (also: sharpbalance_sharpest, the paper's --select sharpest reading)
 #   SEED_SETS="13 17 27;113 117 127;43 59 223"   (ensembles separated by ';')
 #   DATA_PATH=./datasets (CIFAR torchvision layout, tiny-imagenet-200/, CIFAR-10-C/, ...)   CORRUPT_PATH=
 #   OUT=runs/figure7   -> OUT/runs/<dataset>/<method>/seeds_a_b_c   (checkpoints, logs)
@@ -19,6 +20,7 @@
 #   DEVICE=auto   NGPUS=1 (>1: each run on NGPUS GPUs with torchrun; measurements spread over them)
 #   JOBS=1 (runs/measurements at the same time; CPU threads per job = cores/JOBS)
 #   DIVERSITY_EXTRA="" VARIANCE_EXTRA="" SHARPNESS_EXTRA="" (flags for the measure scripts)
+#   SHARPNESS_MODES=APGD_worst (e.g. APGD_worst,fisher: also the Fisher trace, on the same batches)
 #   REPORT_EXTRA="" (flags for scripts/report.py)   PYTHON=python
 #
 # Rerunning skips finished work (a run whose members reached EPOCHS; a measurement whose JSON
@@ -39,6 +41,7 @@ JOBS="${JOBS:-1}"
 DIVERSITY_EXTRA="${DIVERSITY_EXTRA:-}"
 VARIANCE_EXTRA="${VARIANCE_EXTRA:-}"
 SHARPNESS_EXTRA="${SHARPNESS_EXTRA:-}"
+SHARPNESS_MODES="${SHARPNESS_MODES:-APGD_worst}"
 REPORT_EXTRA="${REPORT_EXTRA:-}"
 EPOCHS="${EPOCHS:-200}"
 # The other training settings (BATCH_SIZE, LR, WIDTH, RHO, ...) reach scripts/train/*.sh through the
@@ -141,10 +144,11 @@ for dataset in "${datasets[@]}"; do
                 continue
             fi
             for script in measure_diversity measure_diversity_variance measure_sharpness; do
+                modes=""  # empty = the measure script's default modes
                 case "$script" in
                     measure_diversity) extra="$DIVERSITY_EXTRA" ;;
                     measure_diversity_variance) extra="$VARIANCE_EXTRA" ;;
-                    measure_sharpness) extra="$SHARPNESS_EXTRA" ;;
+                    measure_sharpness) extra="$SHARPNESS_EXTRA" modes="$SHARPNESS_MODES" ;;
                 esac
                 device="$DEVICE"
                 if ((NGPUS > 1)) && [[ "$DEVICE" == auto || "$DEVICE" == cuda ]]; then
@@ -154,7 +158,7 @@ for dataset in "${datasets[@]}"; do
                 name="${script#measure_}_${dataset}_${method}_${tag}"
                 step "$name" env DATASET="$dataset" METHOD="$method" SEEDS="$seeds" DEVICE="$device" \
                     RUN="$OUT/runs/$dataset/$method/$tag" SAVE="$OUT/results/$dataset/$method/$tag" EXTRA="$extra" \
-                    "$REPO/scripts/measure/$script.sh"
+                    MODES="$modes" "$REPO/scripts/measure/$script.sh"
                 measure_steps+=("$name")
             done
         done

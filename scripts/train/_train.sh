@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Train one ensemble with main.py: scripts/train/_train.sh METHOD [extra main.py flags...]
-# METHOD = deep_ensemble | sam | sharpbalance. Called by scripts/train/{deep_ensemble,sam,sharpbalance}.sh,
+# METHOD = deep_ensemble | sam | sharpbalance | sharpbalance_sharpest. Called by scripts/train/<METHOD>.sh,
 # which document the environment variables. Skips a finished run; reruns resume an unfinished one.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
-METHOD="${1:?usage: _train.sh deep_ensemble|sam|sharpbalance [main.py flags...]}"
+METHOD="${1:?usage: _train.sh deep_ensemble|sam|sharpbalance|sharpbalance_sharpest [main.py flags...]}"
 shift
 
 DATASET="${DATASET:-cifar10}"
@@ -30,7 +30,10 @@ case "$METHOD" in
     sam) method_flags=(--sam True --rho "$RHO") ;;
     sharpbalance)
         method_flags=(--sam True --rho "$RHO" --flat_ratio "$FLAT_RATIO" --initial_epochs "$INITIAL_EPOCHS") ;;
-    *) die "unknown method '$METHOD' (deep_ensemble, sam or sharpbalance)" ;;
+    sharpbalance_sharpest)  # the paper's Figure 6 reading: SAM on the samples the others find sharpest
+        method_flags=(--sam True --rho "$RHO" --flat_ratio "$FLAT_RATIO" --initial_epochs "$INITIAL_EPOCHS"
+                      --select sharpest) ;;
+    *) die "unknown method '$METHOD' (deep_ensemble, sam, sharpbalance or sharpbalance_sharpest)" ;;
 esac
 
 read -r -a seed_array <<<"$SEEDS"

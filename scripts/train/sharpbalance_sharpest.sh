@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# SharpBalance, the paper's reading (Figure 6): like scripts/train/sharpbalance.sh, but member i's SAM
+# set is built from the samples the other members find *sharpest* (--select sharpest) instead of the
+# released code's flattest ones (--sam True --rho $RHO --flat_ratio $FLAT_RATIO
+# --initial_epochs $INITIAL_EPOCHS --select sharpest).
+#
+#   scripts/train/sharpbalance_sharpest.sh [extra main.py flags...]
+#
+# Environment (published Figure 7 values as defaults):
+#   DATASET=cifar10 (cifar100, tiny_imgnet, digits)   DATA_PATH=./datasets   SEEDS="13 17 27"
+#   EPOCHS=200  BATCH_SIZE=128  LR=0.1 (multistep x0.1 at epochs/2, 3*epochs/4)  WEIGHT_DECAY=5e-4
+#   MODEL=resnet18  WIDTH=64  RHO=0.2  FLAT_RATIO=0.5  INITIAL_EPOCHS=epochs/2 (100 of 200)
+#   DEVICE=auto  NGPUS=1 (>1: torchrun, members spread over the GPUs)  EXTRA="" (more main.py flags)
+#   SAVE_PATH=runs/<DATASET>/sharpbalance_sharpest/seeds_<SEEDS joined by _>   PYTHON=python
+# A run whose members all reached EPOCHS is skipped; an unfinished one resumes where it stopped.
+set -euo pipefail
+exec "$(dirname "${BASH_SOURCE[0]}")/_train.sh" sharpbalance_sharpest "$@"
