@@ -8,6 +8,7 @@ SharpBalance scores are indexed by position in that training order.
 """
 import os
 import pickle
+import sys
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 
@@ -54,18 +55,38 @@ _CIFAR_LAYOUT = {
 }
 
 
-def _read_cifar_pickle(path, label_key):
+def _read_cifar_pickle(path, label_key, num_classes):
+    """(images uint8 (n, 32, 32, 3), labels int64) of one torchvision CIFAR pickle, checked.
+
+    Refused, naming the file: pixel data that is not integer (float data in [0, 1] would become
+    0/1 pixels), values outside 0..255 (int16 data would wrap modulo 256), rows that are not
+    3x32x32, labels outside the dataset's classes (they would stop training mid-epoch).
+    """
     try:
         with open(path, "rb") as f:
             entry = pickle.load(f, encoding="bytes")
-        images = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        labels = np.asarray(entry[label_key], dtype=np.int64)
+        data, labels = np.asarray(entry[b"data"]), np.asarray(entry[label_key])
     except Exception as err:  # noqa: BLE001 - any failure here means a damaged file
         raise UserError(f"cannot read CIFAR file '{path}' ({type(err).__name__}: {str(err)[:120]}); "
                         "re-download and extract the python version of the dataset") from None
+    expected = "expected uint8 pixel values 0..255 as in the python version of the dataset"
+    if data.dtype.kind not in "ui":
+        raise UserError(f"CIFAR file '{path}' holds {data.dtype} pixel data; {expected}")
+    if data.dtype != np.uint8 and data.size and (int(data.min()) < 0 or int(data.max()) > 255):
+        raise UserError(f"CIFAR file '{path}' holds {data.dtype} pixel values from {data.min()} to {data.max()}; "
+                        f"{expected}")
+    if data.size % (3 * 32 * 32):
+        raise UserError(f"CIFAR file '{path}' holds {data.size} pixel values, not rows of 3x32x32 = 3072")
+    if labels.ndim != 1 or labels.dtype.kind not in "ui":
+        raise UserError(f"CIFAR file '{path}' holds {labels.dtype} labels of shape {labels.shape}; "
+                        "expected a list of integer class indices")
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise UserError(f"CIFAR file '{path}' holds labels from {labels.min()} to {labels.max()}; "
+                        f"expected classes 0..{num_classes - 1}")
+    images = data.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     if len(images) != len(labels):
         raise UserError(f"CIFAR file '{path}' has {len(images)} images but {len(labels)} labels")
-    return np.ascontiguousarray(images), labels
+    return np.ascontiguousarray(images), labels.astype(np.int64)
 
 
 def _download_cifar(name, root):
@@ -93,8 +114,9 @@ def load_cifar(name, root, download=False):
     if missing:
         raise UserError(f"{name} file '{missing[0]}' is missing; put the extracted python version "
                         f"({folder}/) under --data_path {root}")
-    train = [_read_cifar_pickle(os.path.join(directory, f), label_key) for f in train_files]
-    test = [_read_cifar_pickle(os.path.join(directory, f), label_key) for f in test_files]
+    num_classes = dataset_info(name).num_classes
+    train = [_read_cifar_pickle(os.path.join(directory, f), label_key, num_classes) for f in train_files]
+    test = [_read_cifar_pickle(os.path.join(directory, f), label_key, num_classes) for f in test_files]
     stack = lambda parts: (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))  # noqa: E731
     return stack(train), stack(test)
 
@@ -120,19 +142,57 @@ def _image_files(directory):
     return [os.path.join(directory, n) for n in names]
 
 
-def _class_folder_files(directory, wnids):
-    """(path, label) for <directory>/<wnid>/[images/]*.JPEG, in sorted class then file order."""
-    files, labels = [], []
-    for label, wnid in enumerate(wnids):
+# Images per class in the official sets; fewer (but equal) counts may be a deliberate subset.
+TINY_PER_CLASS = {"train": 500, "val": 50, "Tiny-ImageNet-C": 50}
+_warned = set()
+
+
+def warn_once(message):
+    """Print ``warning: <message>`` on stderr, once per process (the -C cells would repeat it 75 times)."""
+    if message not in _warned:
+        _warned.add(message)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def check_class_counts(counts, names, official, what):
+    """Refuse an empty class or unequal counts (a partly extracted archive); warn when the equal
+    count differs from the official one. ``names``: what to call each class in the message."""
+    counts = np.asarray(counts)
+    if counts.min() == 0:
+        raise UserError(f"{names[int(counts.argmin())]} holds no images (expected {official}, as in the official "
+                        f"{what}); a partly extracted archive? extract it again")
+    if counts.min() != counts.max():
+        low, high = int(counts.argmin()), int(counts.argmax())
+        raise UserError(f"{names[low]} holds {counts[low]} images but {names[high]} holds {counts[high]}; "
+                        f"the official {what} has {official} in every class: a partly extracted archive? "
+                        "extract it again")
+    if counts[0] != official:
+        warn_once(f"{what} has {counts[0]} images per class (the official set has {official}); "
+                  "fine for a deliberate subset, but numbers are not comparable with the paper's")
+
+
+def class_folders(directory, wnids):
+    """<directory>/<wnid>[/images] for every wnid; a missing one is a UserError."""
+    folders = []
+    for wnid in wnids:
         class_dir = os.path.join(directory, wnid)
         if os.path.isdir(os.path.join(class_dir, "images")):
             class_dir = os.path.join(class_dir, "images")
         if not os.path.isdir(class_dir):
             raise UserError(f"class folder '{class_dir}' is missing (wnid {wnid} is listed in wnids.txt)")
-        paths = _image_files(class_dir)
-        files += paths
-        labels += [label] * len(paths)
-    return files, np.asarray(labels, dtype=np.int64)
+        folders.append(class_dir)
+    return folders
+
+
+def _class_folder_files(directory, wnids, official, what):
+    """(path, label) for <directory>/<wnid>/[images/]*.JPEG, in sorted class then file order;
+    the per-class counts are checked (``check_class_counts``) before anything is decoded."""
+    folders = class_folders(directory, wnids)
+    per_class = [_image_files(folder) for folder in folders]
+    check_class_counts([len(p) for p in per_class], [f"class folder '{f}'" for f in folders], official, what)
+    files = [path for paths in per_class for path in paths]
+    labels = np.repeat(np.arange(len(wnids)), [len(p) for p in per_class])
+    return files, labels.astype(np.int64)
 
 
 def decode_images(paths, size, workers=8):
@@ -159,7 +219,8 @@ def decode_images(paths, size, workers=8):
 def load_tiny_imagenet(data_path):
     root = tiny_root(data_path)
     wnids = tiny_wnids(root)
-    train_files, train_labels = _class_folder_files(os.path.join(root, "train"), wnids)
+    train_files, train_labels = _class_folder_files(os.path.join(root, "train"), wnids, TINY_PER_CLASS["train"],
+                                                    "Tiny-ImageNet train set")
     val_dir = os.path.join(root, "val")
     annotations = os.path.join(val_dir, "val_annotations.txt")
     if os.path.isfile(annotations) and os.path.isdir(os.path.join(val_dir, "images")):
@@ -178,8 +239,14 @@ def load_tiny_imagenet(data_path):
         order = np.argsort(val_files, kind="stable")
         val_files = [val_files[i] for i in order]
         val_labels = np.asarray(val_labels, dtype=np.int64)[order]
+        check_class_counts(np.bincount(val_labels, minlength=len(wnids)),
+                           [f"wnid {w} of '{annotations}'" for w in wnids], TINY_PER_CLASS["val"], "Tiny-ImageNet val set")
+        missing = [path for path in val_files if not os.path.isfile(path)]
+        if missing:
+            raise UserError(f"'{missing[0]}' (listed in '{annotations}') is missing, and {len(missing) - 1} more; "
+                            "a partly extracted archive? extract it again")
     else:
-        val_files, val_labels = _class_folder_files(val_dir, wnids)
+        val_files, val_labels = _class_folder_files(val_dir, wnids, TINY_PER_CLASS["val"], "Tiny-ImageNet val set")
     return (decode_images(train_files, 64), train_labels), (decode_images(val_files, 64), val_labels)
 
 
@@ -238,20 +305,41 @@ def _load_npy(path, what):
         raise UserError(f"corruption file '{path}' is malformed ({type(err).__name__}: {str(err)[:100]})") from None
 
 
-def _npy_corrupted_sets(directory, corruptions, info, image_size):
+def _npy_labels(directory, num_classes):
+    """labels.npy of a CIFAR-C style folder: integer class indices in [0, num_classes)."""
+    path = os.path.join(directory, "labels.npy")
+    labels = _load_npy(path, "labels for every corruption")
+    if labels.ndim != 1 or labels.dtype.kind not in "ui":
+        raise UserError(f"'{path}' holds {labels.dtype} of shape {labels.shape}; expected integer class indices (5*n,)")
     # np.array copies out of the memory map: a read-only view would make torch warn later.
-    labels = np.array(_load_npy(os.path.join(directory, "labels.npy"), "labels for every corruption"), dtype=np.int64)
+    labels = np.array(labels, dtype=np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise UserError(f"'{path}' holds labels from {labels.min()} to {labels.max()}; "
+                        f"expected classes 0..{num_classes - 1}")
+    return labels
+
+
+def _npy_blocks(directory, corruption, labels, image_size):
+    """Memory-map <corruption>.npy (only its header is read) and check its dtype and shape against
+    labels.npy; returns (blocks, images per severity)."""
+    path = os.path.join(directory, f"{corruption}.npy")
+    blocks = _load_npy(path, f"severities 1-5 of {corruption}")
+    if blocks.dtype != np.uint8 or blocks.ndim != 4 or blocks.shape[1:] != (image_size, image_size, 3) \
+            or blocks.shape[0] % 5 != 0:
+        raise UserError(f"corruption file '{path}' has dtype {blocks.dtype} and shape {blocks.shape}; "
+                        f"expected uint8 (5*n, {image_size}, {image_size}, 3): five severity blocks of n images")
+    per_severity = blocks.shape[0] // 5
+    if len(labels) not in (per_severity, 5 * per_severity):
+        raise UserError(f"corruption file '{path}' has shape {blocks.shape} ({per_severity} images per severity), "
+                        f"but '{os.path.join(directory, 'labels.npy')}' has {len(labels)} labels; expected "
+                        f"{len(labels)} rows (a truncated or partly written file?)")
+    return blocks, per_severity
+
+
+def _npy_corrupted_sets(directory, corruptions, info, image_size):
+    labels = _npy_labels(directory, info.num_classes)
     for corruption in corruptions:
-        path = os.path.join(directory, f"{corruption}.npy")
-        blocks = _load_npy(path, f"severities 1-5 of {corruption}")
-        if blocks.dtype != np.uint8 or blocks.ndim != 4 or blocks.shape[1:] != (image_size, image_size, 3) \
-                or blocks.shape[0] % 5 != 0:
-            raise UserError(f"corruption file '{path}' has dtype {blocks.dtype} and shape {blocks.shape}; "
-                            f"expected uint8 (5*n, {image_size}, {image_size}, 3)")
-        per_severity = blocks.shape[0] // 5
-        if len(labels) not in (per_severity, 5 * per_severity):
-            raise UserError(f"'{os.path.join(directory, 'labels.npy')}' has {len(labels)} labels but "
-                            f"'{path}' has {per_severity} images per severity")
+        blocks, per_severity = _npy_blocks(directory, corruption, labels, image_size)
         for severity in range(1, 6):
             rows = slice((severity - 1) * per_severity, severity * per_severity)
             block_labels = labels[rows] if len(labels) == 5 * per_severity else labels
@@ -261,38 +349,90 @@ def _npy_corrupted_sets(directory, corruptions, info, image_size):
             yield corruption, severity, ImageArrayDataset(images, block_labels, info.mean, info.std)
 
 
-def _tiny_corrupted_sets(directory, info, wnids):
-    for corruption in CORRUPTIONS:
+def _tiny_cell_files(directory, corruption, severity, wnids):
+    folder = os.path.join(directory, corruption, str(severity))
+    if not os.path.isdir(folder):
+        raise UserError(f"Tiny-ImageNet-C folder '{folder}' is missing")
+    return _class_folder_files(folder, wnids, TINY_PER_CLASS["Tiny-ImageNet-C"], "Tiny-ImageNet-C cell")
+
+
+def _tiny_corrupted_sets(directory, corruptions, info, wnids):
+    for corruption in corruptions:
         for severity in range(1, 6):
-            folder = os.path.join(directory, corruption, str(severity))
-            if not os.path.isdir(folder):
-                raise UserError(f"Tiny-ImageNet-C folder '{folder}' is missing")
-            files, labels = _class_folder_files(folder, wnids)
+            files, labels = _tiny_cell_files(directory, corruption, severity, wnids)
             yield corruption, severity, ImageArrayDataset(decode_images(files, 64), labels, info.mean, info.std)
 
 
-def corrupted_test_sets(name, data_path="./datasets", corrupt_path=None):
-    """Yield ``(corruption, severity, dataset)`` over the -C set in SPEC order, one cell at a time.
-
-    Only one (corruption, severity) cell is in memory at once. CIFAR: ``<root>/CIFAR-10-C/*.npy``;
-    Tiny: ``<root>/Tiny-ImageNet-C/<corruption>/<severity>/<wnid>/``; digits: generated and cached
-    under ``<root>/digits-C`` on first use. ``root`` = ``corrupt_path`` or ``data_path``.
-    """
+def _corrupt_directory(name, data_path, corrupt_path):
     info = dataset_info(name)
     root = corrupt_path or data_path
     if name == "digits":
-        from data.digits import DIGITS_C_CORRUPTIONS, build_digits_c
-        directory = build_digits_c(root)
-        yield from _npy_corrupted_sets(directory, DIGITS_C_CORRUPTIONS, info, image_size=8)
-        return
+        from data.digits import build_digits_c
+        return build_digits_c(root)  # generated (or found cached and valid) here
     directory = os.path.join(root, info.corrupt_dirname)
     if not os.path.isdir(directory):
         raise UserError(f"{info.corrupt_dirname} not found at '{directory}'; put the extracted "
                         f"{info.corrupt_dirname} folder under --corrupt_path (default --data_path)")
+    return directory
+
+
+def check_corrupted_files(name, data_path="./datasets", corrupt_path=None, corruptions=None):
+    """Check every selected -C input without reading pixels, so a damaged file stops a measurement
+    before its first long pass: CIFAR-C .npy headers (uint8, (5*n, 32, 32, 3), rows matching
+    labels.npy) and the labels' range; every Tiny-ImageNet-C (corruption, severity) class folder
+    present, non-empty and equally filled (nothing decoded)."""
+    corruptions = corruption_names(name) if corruptions is None else corruptions
+    if not corruptions:
+        return
+    directory = _corrupt_directory(name, data_path, corrupt_path)
     if name == "tiny_imgnet":
-        yield from _tiny_corrupted_sets(directory, info, tiny_wnids(tiny_root(data_path)))
+        wnids = tiny_wnids(tiny_root(data_path))
+        for corruption in corruptions:
+            for severity in range(1, 6):
+                _tiny_cell_files(directory, corruption, severity, wnids)
+        return
+    labels = _npy_labels(directory, dataset_info(name).num_classes)
+    for corruption in corruptions:
+        _npy_blocks(directory, corruption, labels, image_size=8 if name == "digits" else 32)
+
+
+def corrupted_test_sets(name, data_path="./datasets", corrupt_path=None, corruptions=None):
+    """Yield ``(corruption, severity, dataset)`` over the -C set in SPEC order, one cell at a time.
+
+    ``corruptions``: the ones to read (default all, in SPEC order). Only one (corruption, severity)
+    cell is in memory at once. CIFAR: ``<root>/CIFAR-10-C/*.npy``; Tiny:
+    ``<root>/Tiny-ImageNet-C/<corruption>/<severity>/<wnid>/``; digits: generated and cached under
+    ``<root>/digits-C`` on first use. ``root`` = ``corrupt_path`` or ``data_path``.
+    """
+    info = dataset_info(name)
+    # Always in SPEC order, whatever order the selection was given in.
+    corruptions = [c for c in corruption_names(name) if corruptions is None or c in corruptions]
+    directory = _corrupt_directory(name, data_path, corrupt_path)
+    if name == "tiny_imgnet":
+        yield from _tiny_corrupted_sets(directory, corruptions, info, tiny_wnids(tiny_root(data_path)))
     else:
-        yield from _npy_corrupted_sets(directory, CORRUPTIONS, info, image_size=32)
+        yield from _npy_corrupted_sets(directory, corruptions, info, image_size=8 if name == "digits" else 32)
+
+
+def corrupted_sources(name, data_path, corrupt_path, corruption, severity):
+    """The files (folders for Tiny-ImageNet-C) one -C cell is read from."""
+    root = corrupt_path or data_path
+    directory = os.path.join(root, dataset_info(name).corrupt_dirname)
+    if name == "tiny_imgnet":
+        folder = os.path.join(directory, corruption, str(severity))
+        return [folder] + class_folders(folder, tiny_wnids(tiny_root(data_path)))
+    return [os.path.join(directory, f"{corruption}.npy"), os.path.join(directory, "labels.npy")]
+
+
+def clean_sources(name, data_path):
+    """The files (folders for Tiny-ImageNet) the clean splits are read from; none for digits."""
+    if name in _CIFAR_LAYOUT:
+        folder, train_files, test_files, _ = _CIFAR_LAYOUT[name]
+        return [os.path.join(data_path, folder, f) for f in train_files + test_files]
+    if name == "tiny_imgnet":
+        root = tiny_root(data_path)
+        return [os.path.join(root, "wnids.txt"), os.path.join(root, "train"), os.path.join(root, "val")]
+    return []
 
 
 def corruption_names(name):

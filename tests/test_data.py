@@ -154,3 +154,71 @@ def test_batch_loader_is_a_pure_function_of_seed_and_epoch(tmp_path):
     assert sorted(indices.tolist()) == list(range(270))
     labels = torch.cat([y for _, y, _ in first])
     assert torch.equal(labels, torch.from_numpy(train.labels)[indices])
+
+
+# ------------------------------------------------------------------ bad data: refuse or warn (issue 12.5)
+def _rewrite_cifar_batch(root, name, change):
+    import pickle
+    path = os.path.join(root, "cifar-10-batches-py", name)
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="bytes")
+    change(entry)
+    with open(path, "wb") as f:
+        pickle.dump(entry, f)
+    return path
+
+
+@pytest.mark.parametrize("case, change, expected", [
+    # float data in [0, 1] would become 0/1 pixels
+    ("float", lambda e: e.update({b"data": e[b"data"] / 255.0}), "float64 pixel data; expected uint8"),
+    # int16 values above 255 would wrap modulo 256 (300 -> 44)
+    ("int16", lambda e: e.update({b"data": e[b"data"].astype(np.int16) + 100}),
+     r"int16 pixel values from \d+ to \d+; expected uint8"),
+    # a label outside 0..9 used to stop training mid-epoch with an IndexError
+    ("label", lambda e: e.update({b"labels": e[b"labels"][:-1] + [10]}), "labels from 0 to 10; expected classes 0..9"),
+])
+def test_bad_cifar_pickles_are_refused_naming_the_file(tmp_path, case, change, expected):
+    make_cifar(str(tmp_path), n_train=50, n_test=10)
+    path = _rewrite_cifar_batch(str(tmp_path), "data_batch_3", change)
+    with pytest.raises(UserError, match=f"CIFAR file '{path}' holds {expected}"):
+        build_datasets("cifar10", str(tmp_path))
+
+
+def test_bad_cifar_pickle_is_one_error_line_from_main(tmp_path, capsys):
+    import main as train_main
+    from utils.errors import run_main
+    make_cifar(str(tmp_path), n_train=50, n_test=10)
+    path = _rewrite_cifar_batch(str(tmp_path), "test_batch", lambda e: e.update({b"data": e[b"data"] / 255.0}))
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(train_main.main, ["--data", "cifar10", "--data_path", str(tmp_path), "--epochs", "1",
+                                   "--save_path", str(tmp_path / "run"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: CIFAR file '{path}'"), err
+
+
+def test_tiny_imagenet_partial_extraction_is_refused(tmp_path):
+    tiny, wnids = make_tiny_imagenet(str(tmp_path), num_classes=3, train_per_class=3, val_per_class=1,
+                                     official_val=False)
+    images = os.path.join(tiny, "train", wnids[1], "images")
+    os.remove(os.path.join(images, f"{wnids[1]}_2.JPEG"))  # one class short: unequal counts
+    with pytest.raises(UserError, match=f"class folder '{images}' holds 2 images but .* holds 3; the official "
+                                        "Tiny-ImageNet train set has 500 in every class"):
+        build_datasets("tiny_imgnet", tiny)
+    for name in os.listdir(images):  # an empty class folder
+        os.remove(os.path.join(images, name))
+    with pytest.raises(UserError, match=f"class folder '{images}' holds no images"):
+        build_datasets("tiny_imgnet", tiny)
+
+
+def test_tiny_imagenet_small_equal_subset_warns_once(tmp_path, capsys):
+    tiny, _ = make_tiny_imagenet(str(tmp_path), num_classes=2, train_per_class=20, val_per_class=2)
+    from data import datasets
+    datasets._warned.clear()
+    splits = build_datasets("tiny_imgnet", tiny)
+    build_datasets("tiny_imgnet", tiny)
+    assert len(splits.train) + len(splits.val) == 40
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: Tiny-ImageNet train set has 20 images per class (the official set has 500); fine for "
+                   "a deliberate subset, but numbers are not comparable with the paper's",
+                   "warning: Tiny-ImageNet val set has 2 images per class (the official set has 50); fine for "
+                   "a deliberate subset, but numbers are not comparable with the paper's"], err
