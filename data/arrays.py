@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from data.transforms import normalize, random_crop_flip
+from utils.device import host_to_device
 
 
 class ImageArrayDataset(torch.utils.data.Dataset):
@@ -99,9 +100,11 @@ class BatchLoader:
         order = torch.arange(len(self.dataset)) if self.subset is None else self.subset
         if self.shuffle:
             order = order[torch.randperm(len(order), generator=generator)]
+        # The epoch's order goes to the device once (non-blocking); each batch slices it there.
+        order_on_device = host_to_device(order, self.device)
         for start in range(0, len(order), self.batch_size):
             indices = order[start:start + self.batch_size]
-            device_indices = indices.to(self.device)
+            device_indices = order_on_device[start:start + self.batch_size]
             batch = images.index_select(0, device_indices)
             if self.dataset.augment:
                 batch = random_crop_flip(batch, self.dataset.crop_padding, self.dataset.hflip, generator)

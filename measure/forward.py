@@ -24,6 +24,16 @@ def member_forward(models, dataset, batch_size, device, desc=None):
             yield torch.stack([model(x) for model in models]), y
 
 
+def split_logits(models, dataset, batch_size, device, desc=None):
+    """float32 numpy (M, n, C): every model's logits on ``dataset``.
+
+    The batches' logits are gathered on the device and copied to the host once per split: a copy
+    per batch would make the host wait for each batch's forward passes before queueing the next.
+    """
+    chunks = [logits.float() for logits, _ in member_forward(models, dataset, batch_size, device, desc=desc)]
+    return torch.cat(chunks, dim=1).to("cpu", copy=True).numpy()
+
+
 class LogitCache:
     """Logits of every member on a split, computed in one pass and shared by every mode."""
 
@@ -61,10 +71,8 @@ class LogitCache:
         todo = [i for i, c in enumerate(cached) if c is None]
         if todo:
             self.passes += 1
-            chunks = [out.float().cpu().numpy() for out, _ in member_forward(
-                [self.members[i].model for i in todo], split.dataset, self.batch_size, self.device,
-                desc=f"logits {split.key}")]
-            fresh = np.concatenate(chunks, axis=1)
+            fresh = split_logits([self.members[i].model for i in todo], split.dataset, self.batch_size,
+                                 self.device, desc=f"logits {split.key}")
             for j, i in enumerate(todo):
                 cached[i] = fresh[j]
                 if self.directory:

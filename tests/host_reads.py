@@ -13,8 +13,10 @@ Counted: ``_local_scalar_dense`` (``.item()``, ``float(t)``, ``bool(t)``, ``if t
 ``nonzero`` / ``argwhere`` / ``where(cond)`` (output size depends on the data), ``masked_select``,
 ``equal``, ``unique`` variants, ``bincount`` and ``repeat_interleave`` (sizes read from the data),
 and boolean-mask indexing ``x[mask]`` / ``x[mask] = v``, which runs a nonzero inside the kernel.
-Not visible on a CPU: device-to-host copies such as ``.cpu()`` or ``.tolist()`` (no-ops there);
-code under test keeps those out of loops by construction.
+Explicit copies to the host made with ``.to("cpu", copy=True)`` are counted as ``_to_copy[to host]``
+(the project's loops read their results that way, once per epoch or pass, so a test sees them).
+Not visible on a CPU: a plain ``.cpu()``, ``.numpy()`` or ``.tolist()`` of a CPU tensor (no
+dispatched op there); code under test keeps those out of loops by construction.
 """
 import collections
 import contextlib
@@ -37,6 +39,17 @@ def _is_bool_index(indices):
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (indices or ()))
 
 
+def _is_copy_to_host(tensor, kwargs):
+    """A ``_to_copy`` onto the CPU that keeps the dtype. On a GPU that is a device-to-host copy; on
+    a CPU run only an explicit ``.to("cpu", copy=True)`` dispatches it (an unchanged ``.to`` returns
+    the tensor itself), while casts such as ``t.to(other)`` inside torch's decompositions change the
+    dtype and are not counted."""
+    device = kwargs.get("device")
+    dtype = kwargs.get("dtype")
+    return (device is not None and torch.device(device).type == "cpu"
+            and (dtype is None or dtype == tensor.dtype))
+
+
 class HostReadCounter(TorchDispatchMode):
     """Counts host-reading ops by name (``counts``); ``total`` is their sum."""
 
@@ -51,6 +64,8 @@ class HostReadCounter(TorchDispatchMode):
             self.counts[name] += 1
         elif name in _MASK_INDEXING and _is_bool_index(args[1] if len(args) > 1 else kwargs.get("indices")):
             self.counts[f"{name}[bool mask]"] += 1
+        elif name == "_to_copy" and _is_copy_to_host(args[0], kwargs):
+            self.counts["_to_copy[to host]"] += 1
         return func(*args, **kwargs)
 
     @property

@@ -3,10 +3,17 @@
 ``train_one_epoch`` runs whichever update the member's phase calls for on every batch: plain SGD
 (deep ensemble), SAM on every sample (warm-up, or DE + SAM), or SharpBalance's mixed step with the
 member's ``sam_mask``. All three are one function, ``mixed_step``, with a different mask.
+
+Nothing in the loops reads a device value on the host per step: the loss sum and the number of
+correct predictions are added up on the device and read once at the end of the epoch (and every
+``print_freq`` steps when a progress bar is shown), so the host keeps queueing steps while the
+GPU works. The masks are looked up on the host, where they live. The finite check rides on the
+same reads: cross-entropy is never negative, so the running float64 sum is NaN or infinite
+exactly when some step's loss was; a non-finite loss is then placed between two reads.
 """
-import math
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -15,43 +22,73 @@ from training.sam import mixed_step
 
 
 class NonFiniteLoss(RuntimeError):
-    """Raised when a training loss is NaN or infinite; carries where it happened."""
+    """A training loss was NaN or infinite; says in which epoch and between which steps (1-based)."""
 
-    def __init__(self, epoch, step, value):
+    def __init__(self, epoch, first_step, last_step, value):
         # Reported 1-based, as the logs and the progress bar count epochs.
-        super().__init__(f"loss became {value} at epoch {epoch + 1} step {step}")
-        self.epoch, self.step, self.value = epoch, step, value
+        where = f"step {last_step}" if first_step == last_step else f"one of steps {first_step}-{last_step}"
+        super().__init__(f"loss became {value} in epoch {epoch + 1} ({where})")
+        self.epoch, self.first_step, self.last_step, self.value = epoch, first_step, last_step, value
+
+
+def _accumulator(model, dtype=torch.float64):
+    """A zero on the model's device, to add the per-step sums to."""
+    device = next(model.parameters()).device
+    # MPS has no float64; float32 sums of per-batch sums are exact enough for a logged mean there.
+    if device.type == "mps" and dtype == torch.float64:
+        dtype = torch.float32
+    return torch.zeros((), dtype=dtype, device=device)
+
+
+def _read(total_loss, total_correct):
+    """(loss sum, correct) as Python numbers: one device-to-host copy (the only host read)."""
+    loss, correct = torch.stack([total_loss, total_correct.to(total_loss.dtype)]).to("cpu", copy=True).tolist()
+    return loss, int(correct)
 
 
 def train_one_epoch(model, optimizer, loader, epoch, use_sam, sam_mask=None, freeze_bn_on_perturbed=False,
-                    print_freq=50, desc="train", progress=True):
+                    print_freq=50, desc="train", progress=True, scaler=None):
     """Train ``model`` for one epoch; returns a dict of true means and timings.
 
     ``use_sam`` False = plain SGD; True with ``sam_mask`` None = SAM on every sample; True with a
-    bool ``sam_mask`` over the training split (CPU tensor, True = SAM sample) = SharpBalance.
+    bool ``sam_mask`` over the training split (on the CPU, True = SAM sample) = SharpBalance.
+    ``scaler``: a GradScaler for fp16 (see ``mixed_step``). Raises ``NonFiniteLoss`` at the first
+    read (progress update or end of epoch) after a non-finite loss.
     """
     model.train()
     loader.set_epoch(epoch)
-    total_loss, total_correct, total_seen, total_sam = 0.0, 0, 0, 0
+    host_mask = None if sam_mask is None else np.asarray(torch.as_tensor(sam_mask, dtype=torch.bool).cpu())
+    total_loss, total_correct = _accumulator(model), _accumulator(model, torch.long)
+    total_seen, total_sam, checked_steps = 0, 0, 0
     start = time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
-    for step, (images, targets, indices) in enumerate(bar):
+
+    def read_and_check(step):
+        nonlocal checked_steps
+        loss, correct = _read(total_loss, total_correct)
+        if not np.isfinite(loss):
+            raise NonFiniteLoss(epoch, checked_steps + 1, step, loss)
+        checked_steps = step
+        return loss, correct
+
+    step = 0
+    for step, (images, targets, indices) in enumerate(bar, start=1):
         if not use_sam:
-            batch_mask = torch.zeros(len(indices), dtype=torch.bool)
-        elif sam_mask is None:
-            batch_mask = torch.ones(len(indices), dtype=torch.bool)
+            batch_mask = np.zeros(len(indices), dtype=bool)
+        elif host_mask is None:
+            batch_mask = np.ones(len(indices), dtype=bool)
         else:
-            batch_mask = sam_mask[indices]
+            batch_mask = host_mask[indices.numpy()]
         loss_sum, correct = mixed_step(model, optimizer, images, targets, batch_mask,
-                                       freeze_bn_on_perturbed=freeze_bn_on_perturbed)
-        if not math.isfinite(loss_sum):
-            raise NonFiniteLoss(epoch, step, loss_sum)
+                                       freeze_bn_on_perturbed=freeze_bn_on_perturbed, scaler=scaler)
         total_loss += loss_sum
         total_correct += correct
         total_seen += len(indices)
         total_sam += int(batch_mask.sum())
-        if progress and (step % max(print_freq, 1) == 0):
-            bar.set_postfix(loss=f"{total_loss / total_seen:.3f}", acc=f"{total_correct / total_seen:.3f}")
+        if progress and step % max(print_freq, 1) == 0:
+            loss, correct = read_and_check(step)
+            bar.set_postfix(loss=f"{loss / total_seen:.3f}", acc=f"{correct / total_seen:.3f}")
+    total_loss, total_correct = read_and_check(step)
     seconds = time.perf_counter() - start
     return {
         "train_loss": total_loss / max(total_seen, 1),
@@ -64,15 +101,20 @@ def train_one_epoch(model, optimizer, loader, epoch, use_sam, sam_mask=None, fre
 
 @torch.no_grad()
 def evaluate(model, loader):
-    """(mean cross-entropy, accuracy) over the loader; the loss is a true per-sample mean."""
+    """(mean cross-entropy, accuracy) over the loader; the loss is a true per-sample mean.
+
+    The sums stay on the device and are read once, after the last batch.
+    """
     was_training = model.training
     model.eval()
-    total_loss, total_correct, total_seen = 0.0, 0, 0
+    total_loss, total_correct = _accumulator(model), _accumulator(model, torch.long)
+    total_seen = 0
     for batch in loader:
         images, targets = batch[0], batch[1]
         logits = model(images)
-        total_loss += float(F.cross_entropy(logits, targets, reduction="sum"))
-        total_correct += int((logits.argmax(1) == targets).sum())
+        total_loss += F.cross_entropy(logits, targets, reduction="sum")
+        total_correct += (logits.argmax(1) == targets).sum()
         total_seen += len(targets)
     model.train(was_training)
-    return total_loss / max(total_seen, 1), total_correct / max(total_seen, 1)
+    loss, correct = _read(total_loss, total_correct)
+    return loss / max(total_seen, 1), correct / max(total_seen, 1)

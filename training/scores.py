@@ -1,4 +1,4 @@
-"""Per-sample sharpness scores for SharpBalance's split (SPEC §2.1 step 2).
+"""Per-sample sharpness scores for SharpBalance's split (README, "What SharpBalance does, step by step", step 2).
 
 s_m(x) = ‖∇_θ CE(f_θ(x), y)‖²₂ over all trainable parameters of member m, in eval mode (BatchNorm on
 running statistics, so a sample's gradient does not depend on the other samples of its batch).
@@ -7,11 +7,14 @@ running statistics, so a sample's gradient does not depend on the other samples 
 """
 import warnings
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from training.accel import plain_forward
 
 # Two exact ways to get s(x) = ‖∇_θ CE(f_θ(x), y)‖²₂ for every sample of a batch, both in eval mode
 # (BatchNorm on running statistics, so samples do not interact and a batch gives each sample's own
@@ -47,18 +50,6 @@ def _split_parameters(model, names=None):
         (trainable if wanted else frozen)[name] = p.detach()
     buffers = {name: b.detach() for name, b in model.named_buffers()}
     return trainable, frozen, buffers
-
-
-def _score_tensor(loader, num_samples):
-    n = len(loader.dataset) if num_samples is None else num_samples
-    return torch.zeros(n, dtype=torch.float32), torch.zeros(n, dtype=torch.bool)
-
-
-def _check_covered(covered):
-    if not bool(covered.all()):
-        missing = int((~covered).sum())
-        raise ValueError(f"the loader did not yield {missing} of {covered.numel()} sample indices; "
-                         "per-sample sharpness needs every training sample exactly once")
 
 
 def _rowwise_squared_norm(t):
@@ -345,8 +336,13 @@ def per_sample_sharpness(model, loader, device, chunk_size=64, progress=False, n
     gradients. ``backend``: ``func`` (vmap over grad), ``hooks`` (one batched backward pass and
     closed-form per-layer norms; other layers by ``func``) or ``auto`` (``hooks`` when the model
     allows it and it agrees with a plain backward pass on the first sample, else ``func``).
-    All three give the same numbers up to float rounding.
+    All three give the same numbers up to float rounding. A model prepared by the fast path
+    (``training.accel``) is scored with its plain fp32 eager forward, so the split does not depend
+    on ``--amp`` or ``--compile``. The scores stay on the device until one copy at the end.
     """
+    if "forward" in model.__dict__:
+        with plain_forward(model):
+            return per_sample_sharpness(model, loader, device, chunk_size, progress, num_samples, backend)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     if backend not in SHARPNESS_BACKENDS:
@@ -363,7 +359,10 @@ def per_sample_sharpness(model, loader, device, chunk_size=64, progress=False, n
                     raise ValueError(f"the hooks backend cannot score this model: {error}") from None
         if scorer is None:
             scorer = _FuncScorer(model)
-        scores, covered = _score_tensor(loader, num_samples)
+        n = len(loader.dataset) if num_samples is None else num_samples
+        # Scores stay on the device, in loader order, and come back in one copy at the end; the
+        # positions they belong to are known on the host (the loader's indices).
+        parts, positions = [], []
         batches = loader
         if progress:
             from tqdm import tqdm
@@ -384,12 +383,24 @@ def per_sample_sharpness(model, loader, device, chunk_size=64, progress=False, n
                     warnings.warn(f"per-sample sharpness: falling back to torch.func ({error})")
                     scorer, checked = _FuncScorer(model), True
                     squared_norm = scorer(chunk_images, chunk_targets)
-                chunk_indices = torch.as_tensor(indices[start:start + chunk_size]).long().cpu()
-                scores[chunk_indices] = squared_norm.float().cpu()
-                covered[chunk_indices] = True
+                parts.append(squared_norm.float())
+                positions.append(np.asarray(indices[start:start + chunk_size], dtype=np.int64).reshape(-1))
     finally:
         model.train(was_training)
-    _check_covered(covered)
+    return _assemble(parts, positions, n)
+
+
+def _assemble(parts, positions, n):
+    """(N,) float32 CPU scores from per-chunk device scores and their host-side positions."""
+    positions = np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64)
+    covered = np.zeros(n, dtype=bool)
+    covered[positions] = True
+    if not covered.all():
+        raise ValueError(f"the loader did not yield {int((~covered).sum())} of {n} sample indices; "
+                         "per-sample sharpness needs every training sample exactly once")
+    scores = torch.zeros(n, dtype=torch.float32)
+    if parts:
+        scores[torch.from_numpy(positions)] = torch.cat(parts).to("cpu", copy=True)  # the pass's one read
     return scores
 
 
@@ -397,14 +408,12 @@ def per_sample_sharpness_loop(model, loader, device, num_samples=None):
     """Reference for ``per_sample_sharpness``: one forward and backward per sample (slow)."""
     was_training = model.training
     model.eval()
+    parts, positions = [], []
     try:
-        scores, covered = _score_tensor(loader, num_samples)
         for images, targets, indices in loader:
             images, targets = images.to(device), targets.to(device)
-            chunk_indices = torch.as_tensor(indices).long().cpu()
-            scores[chunk_indices] = _loop_squared_norms(model, images, targets)
-            covered[chunk_indices] = True
+            parts.append(_loop_squared_norms(model, images, targets))
+            positions.append(np.asarray(indices, dtype=np.int64).reshape(-1))
     finally:
         model.train(was_training)
-    _check_covered(covered)
-    return scores
+    return _assemble(parts, positions, len(loader.dataset) if num_samples is None else num_samples)

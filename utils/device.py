@@ -31,3 +31,17 @@ def select_device(name="auto", local_rank=None):
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError(f"--device {name} asked for MPS but it is not available; use --device cpu")
     return device
+
+
+def host_to_device(tensor, device):
+    """Copy a CPU tensor to ``device`` without making the host wait for the device.
+
+    A plain ``.to("cuda")`` from pageable memory waits until the copy is done, which means until
+    every kernel queued before it has run; from pinned memory with ``non_blocking`` the copy is
+    queued like a kernel. torch's pinned-memory cache keeps the source alive until the copy ran.
+    On the CPU (or MPS) this is an ordinary ``.to``.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

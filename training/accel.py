@@ -1,0 +1,191 @@
+"""The opt-in fast path: mixed precision, channels_last and torch.compile.
+
+The default (``--amp off``, no ``--channels_last``, no ``--compile``) is the faithful fp32 eager
+model, untouched. Each option is one switch on the model, applied once by ``FastPath.prepare``:
+
+``--amp bf16|fp16``  the model's forward runs under ``torch.autocast`` and returns float32 logits,
+                     so the loss, its backward pass and the optimizer step are what they were.
+                     fp16 needs a loss scale against underflow: ``FastPath.scaler`` (a torch
+                     GradScaler) is handed to ``mixed_step``, which scales each backward pass of
+                     SGD, SAM and the mixed step (see there) and skips a step whose gradient
+                     overflowed. bf16 has fp32's range and needs none.
+``--channels_last``  parameters and activations in NHWC order (faster convolutions on tensor
+                     cores); the arithmetic is the same up to the order of additions.
+``--compile``        the forward is compiled with ``torch.compile`` (the backend comes from
+                     ``$SHARPBALANCE_COMPILE_BACKEND``, default inductor; the tests use a cheap
+                     one). Where it cannot compile, one line says why and the eager forward is used.
+
+The forward is replaced on the instance (``model.forward``), so parameter names, the state_dict
+and attributes such as ``model.linear`` stay the same; ``plain_forward(model)`` gives the eager
+fp32 forward back for a block (the per-sample sharpness scores always use it, so the split does not
+depend on the fast path). Apply ``prepare`` to the model that trains, not to a copy of it.
+"""
+import contextlib
+import os
+import shutil
+import sys
+
+import torch
+import torch.nn as nn
+
+from utils.errors import UserError
+
+AMP_CHOICES = ("off", "bf16", "fp16")
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_BACKEND_ENV = "SHARPBALANCE_COMPILE_BACKEND"
+
+
+def add_fast_path_args(parser):
+    group = parser.add_argument_group("fast path (opt-in; the default is the faithful fp32 eager model)")
+    group.add_argument("--amp", default="off", choices=AMP_CHOICES,
+                       help="mixed precision: bf16 (Ampere or newer GPUs, also CPUs) or fp16 (GPUs, with a "
+                            "loss scale); per-sample sharpness scores stay fp32")
+    group.add_argument("--channels_last", action="store_true", help="NHWC memory format for the convolutions")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the model (falls back to eager with one line where it cannot)")
+    return group
+
+
+def check_fast_path(args, device):
+    """Refuse a fast-path option this machine or model cannot use, with one line, before any work."""
+    amp = getattr(args, "amp", "off")
+    if amp == "fp16" and device.type == "cpu":
+        raise UserError("--amp fp16 needs a GPU (fp16 kernels on a CPU are slow or missing); "
+                        "use --amp bf16 or --amp off on a CPU")
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; use --amp fp16")
+    if getattr(args, "compile", False) and not callable(getattr(torch, "compile", None)):
+        raise UserError(f"--compile needs torch.compile (torch 2.0 or newer); this is torch {torch.__version__}")
+    if getattr(args, "channels_last", False) and getattr(args, "model", None):
+        # The architecture alone decides; building it on the meta device allocates nothing.
+        from models import create_model
+        with torch.device("meta"):
+            model = create_model(args.model, 10, width=args.width or 64, dataset=getattr(args, "data", None)
+                                 or getattr(args, "dataset", None))
+        _check_channels_last(model, args.model)
+
+
+def _check_channels_last(model, name):
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        raise UserError(f"--channels_last: model '{name}' has no 2-D convolutions, so the memory format "
+                        "changes nothing; drop the flag")
+
+
+def compile_unavailable(device, backend):
+    """Why torch.compile with ``backend`` cannot work here (a short reason), or None."""
+    if not callable(getattr(torch, "compile", None)):
+        return f"torch {torch.__version__} has no torch.compile"
+    if backend != "inductor":
+        return None
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+        if not has_triton():
+            return "inductor needs Triton for CUDA and it is not installed"
+    elif device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")) and not shutil.which("clang++"):
+        return "inductor needs a C++ compiler on the CPU and none was found"
+    return None
+
+
+def _say_eager(reason):
+    print(f"warning: --compile: {reason}; running the model eagerly", file=sys.stderr, flush=True)
+
+
+class _FastForward:
+    """The model's forward under autocast and/or torch.compile; ``eager`` is the original one."""
+
+    def __init__(self, eager, device_type, amp_dtype, compile_backend):
+        self.eager, self.device_type, self.amp_dtype = eager, device_type, amp_dtype
+        self.compiled = None
+        if compile_backend:
+            try:
+                self.compiled = torch.compile(self._forward, backend=compile_backend)
+            except Exception as err:  # noqa: BLE001 - e.g. an unknown backend or an unsupported Python
+                _say_eager(f"torch.compile failed ({type(err).__name__}: {_first_line(err)})")
+
+    def _forward(self, *args, **kwargs):
+        if self.amp_dtype is None:
+            return self.eager(*args, **kwargs)
+        with torch.autocast(self.device_type, dtype=self.amp_dtype):
+            out = self.eager(*args, **kwargs)
+        # float32 logits: the loss and everything after it are computed as in the fp32 path.
+        return out.float()
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except torch._dynamo.exc.TorchDynamoException as err:
+                # Raised while tracing or compiling, before the graph ran: nothing was computed, so
+                # the same call in eager mode is the step the compiled one would have been.
+                _say_eager(f"compiling failed ({type(err).__name__}: {_first_line(err)})")
+                self.compiled = None
+        return self._forward(*args, **kwargs)
+
+
+def _first_line(err):
+    text = str(err).strip().splitlines()
+    return (text[0] if text else "")[:160]
+
+
+class FastPath:
+    """The fast-path settings of one model: ``prepare(model)``, ``scaler``, ``state_dict()``."""
+
+    def __init__(self, amp="off", channels_last=False, compile=False, device="cpu"):
+        if amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
+        self.amp, self.channels_last, self.device = amp, bool(channels_last), torch.device(device)
+        self.amp_dtype = AMP_DTYPES[amp]
+        self.compile_backend = None
+        if compile:
+            backend = os.environ.get(COMPILE_BACKEND_ENV, "inductor")
+            reason = compile_unavailable(self.device, backend)
+            if reason:
+                _say_eager(reason)
+            else:
+                self.compile_backend = backend
+        # A GradScaler for fp16 only: bf16 and fp32 gradients do not underflow.
+        self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
+
+    @classmethod
+    def from_args(cls, args, device):
+        return cls(getattr(args, "amp", "off"), getattr(args, "channels_last", False),
+                   getattr(args, "compile", False), device)
+
+    @property
+    def enabled(self):
+        return self.amp != "off" or self.channels_last or self.compile_backend is not None
+
+    def prepare(self, model):
+        """Apply the options to ``model`` in place and return it (unchanged when none is on)."""
+        if self.channels_last:
+            _check_channels_last(model, type(model).__name__)
+            model.to(memory_format=torch.channels_last)
+        if self.amp_dtype is not None or self.compile_backend is not None:
+            model.forward = _FastForward(model.forward, self.device.type, self.amp_dtype, self.compile_backend)
+        return model
+
+    def state_dict(self):
+        """What an exact resume needs besides the model and optimizer: the fp16 loss scale."""
+        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def load_state_dict(self, state):
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def amp_tag(model):
+    """'' for an fp32 forward, else the autocast dtype's name (e.g. for naming cached logits)."""
+    forward = model.__dict__.get("forward")
+    dtype = getattr(forward, "amp_dtype", None)
+    return "" if dtype is None else str(dtype).replace("torch.", "")
+
+
+@contextlib.contextmanager
+def plain_forward(model):
+    """Inside the block ``model`` runs its own eager fp32 forward, whatever ``prepare`` did."""
+    fast = model.__dict__.pop("forward", None)
+    try:
+        yield model
+    finally:
+        if fast is not None:
+            model.forward = fast
