@@ -9,7 +9,9 @@ Modes (comma-separated):
   KL            pairwise KL(p_i || p_j) matrix between members' predictive distributions
 Every split is: val, test, then each (corruption, severity) cell of the -C set, summarised per
 corruption, per severity and over all cells (OOD = unweighted mean of the cells). The logits of each
-member on each split are computed once and shared by all modes. Output: <save>/<mode>.json and .csv.
+member on each split are computed once and shared by all modes. Output: <save>/<mode>.json and .csv,
+written when every split is done; until then <save>/<mode>.partial.json keeps the finished splits,
+and rerunning the same command continues from them.
 """
 import itertools
 
@@ -36,20 +38,27 @@ def get_parser():
     return parser
 
 
-def measure(args, modes, members, device, corruptions):
-    """Run every split once through every member; return {mode: (clean reports, cell list)}."""
+def measure(args, modes, members, device, corruptions, partials):
+    """Run every split once through every member; return {mode: (clean reports, cell list)}.
+
+    A split already in every mode's partial file (same data files) is not run again; every fresh
+    report is added to its mode's partial file at once."""
     cache = forward.LogitCache(members, device, args.eval_batch_size, args.logits_dir)
     clean = {mode: {} for mode in modes}
     cells = {mode: [] for mode in modes}
     splits = itertools.chain(inputs.clean_splits(args), inputs.corrupted_splits(args, corruptions))
     for split in tqdm(splits, total=2 + 5 * len(corruptions), desc="splits"):
-        logits, labels = cache.get(split)
+        sources = inputs.source_stats(split)
+        reports = {mode: partials[mode].get(split.key, sources) for mode in modes}
+        for mode in [m for m in modes if reports[m] is None]:
+            logits, labels = cache.get(split)
+            reports[mode] = MODES[mode][0](logits, labels)
+            partials[mode].add(split.key, sources, reports[mode])
         for mode in modes:
-            report = MODES[mode][0](logits, labels)
             if split.kind == "cell":
-                cells[mode].append((split.corruption, split.severity, report))
+                cells[mode].append((split.corruption, split.severity, reports[mode]))
             else:
-                clean[mode][split.key] = report
+                clean[mode][split.key] = reports[mode]
         cache.drop(split.key)
     return {mode: (clean[mode], cells[mode]) for mode in modes}
 
@@ -60,9 +69,10 @@ def main(argv=None):
     corruptions = inputs.corruption_selection(args)
     inputs.check_corruption_files(args, corruptions)
     device, members, spec = cli.open_run(args, min_members=max(MODES[m][2] for m in modes))
-    results = measure(args, modes, members, device, corruptions)
     meta = result_files.run_metadata(args, __file__, members, spec, device, corruptions=corruptions,
-                                 ensemble_rule="mean of member softmax probabilities", ece_bins=metrics.ECE_BINS)
+                                     ensemble_rule="mean of member softmax probabilities", ece_bins=metrics.ECE_BINS)
+    partials = {mode: result_files.partial_results(args, members, mode, meta) for mode in modes}
+    results = measure(args, modes, members, device, corruptions, partials)
     for mode in modes:
         clean, cells = results[mode]
         summary = metrics.summarise_cells(cells, MODES[mode][1])
@@ -71,7 +81,9 @@ def main(argv=None):
         for name, report in list(clean.items()) + ([("ood", summary["ood"])] if summary else []):
             values = ", ".join(f"{key} {report[key]:.4f}" for key in HEADLINE[mode])
             print(f"{mode:12s} {name:4s}: {values}", flush=True)
+    for partial in partials.values():  # every result file is written: the partial ones have served
+        partial.finish()
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted=cli.SPLITS_INTERRUPTED)

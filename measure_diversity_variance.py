@@ -1,4 +1,4 @@
-"""Diversity as the variance of the members' logits (SPEC §5).
+"""Diversity as the variance of the members' logits, on corrupted or clean test images.
 
     python measure_diversity_variance.py --dataset cifar10 --data_path ./datasets --model resnet18 \\
         --resume runs/sharpbalance --mode variance_mse_c --save results/sharpbalance
@@ -8,7 +8,9 @@ Modes (comma-separated):
                   image (all corruptions × 5 severities), also per corruption, severity and cell
   variance_mse    the same on the clean test set
 The data are streamed: each batch goes through all members and is reduced at once, so memory does
-not grow with the number of images. Output: <save>/<mode>.json and .csv.
+not grow with the number of images. Output: <save>/<mode>.json and .csv, written when every split is
+done; until then <save>/<mode>.partial.json keeps each finished split's sums, and rerunning the same
+command continues from them.
 """
 from tqdm import tqdm
 
@@ -24,13 +26,22 @@ def get_parser():
     return parser
 
 
-def stream_variance(splits, members, device, batch_size, total=None):
-    """VarianceAccumulator over ``splits``, keyed by split key; one pass, constant memory."""
+def stream_variance(splits, members, device, batch_size, partial, total=None):
+    """VarianceAccumulator over ``splits``, keyed by split key; one pass, constant memory. Each
+    split's sums go to ``partial`` when it is done, and a split found there is not run again."""
     models = [m.model for m in members]
     accumulator = metrics.VarianceAccumulator()
     for split in tqdm(splits, total=total, desc="splits"):
+        sources = inputs.source_stats(split)
+        done = partial.get(split.key, sources)
+        if done is not None:
+            if done["count"]:  # an empty split adds no key, as update() would not
+                accumulator.totals[split.key], accumulator.counts[split.key] = done["total"], done["count"]
+            continue
         for logits, _ in forward.member_forward(models, split.dataset, batch_size, device, desc=f"variance {split.key}"):
             accumulator.update(split.key, logits.double().cpu().numpy())
+        partial.add(split.key, sources, {"total": accumulator.totals.get(split.key, 0.0),
+                                         "count": accumulator.counts.get(split.key, 0)})
     return accumulator
 
 
@@ -59,11 +70,11 @@ def corrupted_payload(accumulator, cells):
             "cells": per_key}
 
 
-def measure_corrupted(args, members, device, corruptions):
+def measure_corrupted(args, members, device, corruptions, partial):
     """variance_mse_c: pooled over all cells, per corruption, per severity and per cell; tidy rows."""
     mode, cells = "variance_mse_c", []
     accumulator = stream_variance(_recording(inputs.corrupted_splits(args, corruptions), cells),
-                                  members, device, args.eval_batch_size, total=5 * len(corruptions))
+                                  members, device, args.eval_batch_size, partial, total=5 * len(corruptions))
     result = corrupted_payload(accumulator, cells)
     rows = [dict(mode=mode, split="ood", metric="variance_unbias", value=result["variance_unbias"])]
     rows += [dict(mode=mode, split="corruption", corruption=c, metric="variance_unbias", value=v)
@@ -75,10 +86,10 @@ def measure_corrupted(args, members, device, corruptions):
     return result, rows
 
 
-def measure_clean(args, members, device):
+def measure_clean(args, members, device, partial):
     """variance_mse: the clean test set."""
     accumulator = stream_variance(inputs.clean_splits(args, which=("test",)), members, device,
-                                  args.eval_batch_size)
+                                  args.eval_batch_size, partial)
     overall, _, n = accumulator.result()
     rows = [dict(mode="variance_mse", split="test", metric="variance_unbias", value=overall)]
     return {"variance_unbias": overall, "n": n}, rows
@@ -95,16 +106,23 @@ def main(argv=None):
     meta = result_files.run_metadata(args, __file__, members, spec, device,
                                  definition="mean over inputs of the sum over classes of the unbiased "
                                             "(1/(M-1)) variance of the raw logits across members")
-    for mode in modes:
+    # The clean test set first: it is short, and reading it checks the clean data files before the
+    # long -C pass (the -C files are checked above). Partial files go only when every mode is done,
+    # so an interrupted run's rerun measures nothing twice.
+    partials = {mode: result_files.partial_results(args, members, mode, meta) for mode in modes}
+    for mode in sorted(modes, key=lambda m: m != "variance_mse"):
+        partial = partials[mode]
         if mode == "variance_mse_c":
-            result, rows = measure_corrupted(args, members, device, corruptions)
+            result, rows = measure_corrupted(args, members, device, corruptions, partial)
             payload = dict(meta=dict(meta, mode=mode, corruptions=corruptions), **result)
         else:
-            result, rows = measure_clean(args, members, device)
+            result, rows = measure_clean(args, members, device, partial)
             payload = dict(meta=dict(meta, mode=mode), **result)
         result_files.write_results(args.save, mode, payload, rows)
         print(f"{mode}: variance {result['variance_unbias']:.6g} over {result['n']} images", flush=True)
+    for partial in partials.values():
+        partial.finish()
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted=cli.SPLITS_INTERRUPTED)

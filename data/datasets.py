@@ -353,7 +353,8 @@ def _tiny_cell_files(directory, corruption, severity, wnids):
     folder = os.path.join(directory, corruption, str(severity))
     if not os.path.isdir(folder):
         raise UserError(f"Tiny-ImageNet-C folder '{folder}' is missing")
-    return _class_folder_files(folder, wnids, TINY_PER_CLASS["Tiny-ImageNet-C"], "Tiny-ImageNet-C cell")
+    return _class_folder_files(folder, wnids, TINY_PER_CLASS["Tiny-ImageNet-C"],
+                              "Tiny-ImageNet-C (each corruption and severity)")
 
 
 def _tiny_corrupted_sets(directory, corruptions, info, wnids):
@@ -397,15 +398,15 @@ def check_corrupted_files(name, data_path="./datasets", corrupt_path=None, corru
 
 
 def corrupted_test_sets(name, data_path="./datasets", corrupt_path=None, corruptions=None):
-    """Yield ``(corruption, severity, dataset)`` over the -C set in SPEC order, one cell at a time.
+    """Yield ``(corruption, severity, dataset)`` over the -C set in CORRUPTIONS order, one cell at a time.
 
-    ``corruptions``: the ones to read (default all, in SPEC order). Only one (corruption, severity)
+    ``corruptions``: the ones to read (default all, in CORRUPTIONS order). Only one (corruption, severity)
     cell is in memory at once. CIFAR: ``<root>/CIFAR-10-C/*.npy``; Tiny:
     ``<root>/Tiny-ImageNet-C/<corruption>/<severity>/<wnid>/``; digits: generated and cached under
     ``<root>/digits-C`` on first use. ``root`` = ``corrupt_path`` or ``data_path``.
     """
     info = dataset_info(name)
-    # Always in SPEC order, whatever order the selection was given in.
+    # Always in CORRUPTIONS order, whatever order the selection was given in.
     corruptions = [c for c in corruption_names(name) if corruptions is None or c in corruptions]
     directory = _corrupt_directory(name, data_path, corrupt_path)
     if name == "tiny_imgnet":

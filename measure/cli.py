@@ -5,9 +5,15 @@ import numpy as np
 import torch
 
 from measure.loading import CHECKPOINT_FILES, load_members
+from measure.result_files import check_output_folder
 from utils.args import add_data_args, add_device_args, add_model_args, make_parser
 from utils.device import select_device
 from utils.errors import UserError
+
+
+# Ctrl-C in a script that keeps finished splits in <save>/<mode>.partial.json (run_main's ``interrupted``).
+SPLITS_INTERRUPTED = ("interrupted: the splits measured so far are kept in <save>/<mode>.partial.json; "
+                      "rerun the same command to continue from them")
 
 
 def build_parser(description, modes, default_mode, eval_batch_size, eval_batch_help="images per forward pass"):
@@ -29,6 +35,9 @@ def build_parser(description, modes, default_mode, eval_batch_size, eval_batch_h
     group.add_argument("--eval-batch-size", "--eval_batch_size", dest="eval_batch_size", type=int,
                        default=eval_batch_size, help=eval_batch_help)
     group.add_argument("--seed", type=int, default=13, help="seed for every random draw of the measurement")
+    group.add_argument("--allow_incomplete", action="store_true",
+                       help="measure an ensemble with a missing seed_<s>/ folder or a member that stopped before "
+                            "its planned epochs (refused by default; the result files record it)")
     return parser, group
 
 
@@ -47,10 +56,14 @@ def set_seed(seed):
 
 
 def open_run(args, min_members=1):
-    """Seed, device and members: the start every measure script shares."""
+    """Seed, output folders, device and members: the start every measure script shares, all
+    checked before the first long pass."""
     set_seed(args.seed)
     if args.eval_batch_size is not None and args.eval_batch_size < 1:
         raise UserError(f"--eval-batch-size must be positive, got {args.eval_batch_size}")
+    for flag in ("save", "logits_dir"):
+        if getattr(args, flag, None):
+            check_output_folder(getattr(args, flag), f"--{flag}")
     device = select_device(args.device)
     members, spec = load_members(args, device, min_members=min_members)
     print(f"{len(members)} member(s): {spec['model']} width {spec['width']}, {spec['num_classes']} classes, "

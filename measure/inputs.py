@@ -1,10 +1,14 @@
-"""The data a measurement runs over: the clean splits and the cells of the corrupted (-C) set."""
+"""The data a measurement runs over: the clean splits and the cells of the corrupted (-C) set.
+
+Each ``Split`` carries the files it was read from (``sources``), so a rerun can tell whether a
+split measured before (kept in ``<save>/<mode>.partial.json``) still describes the same data.
+"""
 import os
 from collections import namedtuple
 
 from utils.errors import UserError
 
-Split = namedtuple("Split", "key kind corruption severity dataset")
+Split = namedtuple("Split", "key kind corruption severity dataset sources", defaults=((),))
 
 
 def corruption_selection(args):
@@ -27,35 +31,44 @@ def add_corruption_args(group):
 
 
 def check_corruption_files(args, corruptions):
-    """Fail before any long pass if a selected -C file is missing (the error names it)."""
-    if not corruptions or args.dataset == "digits":
-        return  # digits-C is generated on first use
-    from data import dataset_info
-    directory = os.path.join(args.corrupt_path or args.data_path, dataset_info(args.dataset).corrupt_dirname)
-    if args.dataset == "tiny_imgnet":
-        wanted = [os.path.join(directory, c, str(s)) for c in corruptions for s in range(1, 6)]
-        exists = os.path.isdir
-    else:
-        wanted = [os.path.join(directory, "labels.npy")] + [os.path.join(directory, f"{c}.npy") for c in corruptions]
-        exists = os.path.isfile
-    for path in wanted:
-        if not exists(path):
-            raise UserError(f"corruption file '{path}' is missing (needed for the -C evaluation; "
-                            "use --corruptions none to skip it)")
+    """Check every selected -C input before any long pass (headers and folder listings only, see
+    ``data.datasets.check_corrupted_files``); a problem is one error line naming the file."""
+    if not corruptions:
+        return
+    from data.datasets import check_corrupted_files
+    try:
+        check_corrupted_files(args.dataset, args.data_path, args.corrupt_path, corruptions)
+    except UserError as err:
+        raise UserError(f"{err} (use --corruptions to measure the others)") from None
+
+
+def source_stats(split):
+    """(path, size, modification time) of every file a split was read from: equal stats = same data."""
+    stats = []
+    for path in split.sources:
+        try:
+            info = os.stat(path)
+            stats.append([os.path.abspath(path), info.st_size, info.st_mtime_ns])
+        except OSError:
+            stats.append([os.path.abspath(path), None, None])
+    return stats
 
 
 def clean_splits(args, which=("val", "test")):
     from data import build_datasets
+    from data.datasets import clean_sources
     splits = build_datasets(args.dataset, args.data_path, tiny_val=args.tiny_val)
+    sources = clean_sources(args.dataset, args.data_path)
     for name in which:
-        yield Split(name, name, None, None, getattr(splits, name))
+        yield Split(name, name, None, None, getattr(splits, name), sources)
 
 
 def corrupted_splits(args, corruptions):
     if not corruptions:
         return
     from data import corrupted_test_sets
-    wanted = set(corruptions)
-    for corruption, severity, dataset in corrupted_test_sets(args.dataset, args.data_path, args.corrupt_path):
-        if corruption in wanted:
-            yield Split(f"{corruption}_{severity}", "cell", corruption, severity, dataset)
+    from data.datasets import corrupted_sources
+    for corruption, severity, dataset in corrupted_test_sets(args.dataset, args.data_path, args.corrupt_path,
+                                                             corruptions=corruptions):
+        sources = corrupted_sources(args.dataset, args.data_path, args.corrupt_path, corruption, severity)
+        yield Split(f"{corruption}_{severity}", "cell", corruption, severity, dataset, sources)

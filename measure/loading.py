@@ -7,10 +7,17 @@ increasing seed order; a ``seed_<s>`` folder itself contributes its one file. Ar
 width, dataset and class count come from the checkpoint (main.py stores them); checkpoints
 without them (older or foreign files holding only ``state_dict``) fall back to --model,
 --width and --dataset. Members must agree on architecture, width and class count.
+
+Completeness: a run directory's ``args.json`` names the seeds and epochs it was started with. A
+measurement lists every member with the epoch of its weights and how far it trained, and refuses an
+ensemble with a missing ``seed_<s>/`` folder or a member that stopped before the planned epochs
+(``--allow_incomplete`` measures it anyway, and the result files record what was measured).
 """
 import glob
+import json
 import os
 import re
+import sys
 from collections import namedtuple
 
 import numpy as np
@@ -19,7 +26,9 @@ from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
 
 CHECKPOINT_FILES = {"best": "model_best.pth.tar", "last": "checkpoint.pth.tar"}
-Member = namedtuple("Member", "path model seed")
+# epoch: the epoch the weights are from; trained: epochs the member completed (checkpoint.pth.tar);
+# planned: epochs the run was started with (None when unknown).
+Member = namedtuple("Member", "path model seed epoch trained planned", defaults=(None, None, None))
 
 
 def _seed_of(folder):
@@ -73,6 +82,35 @@ def build_model(path, state, spec, dataset):
     return model
 
 
+def run_plan(run_dir):
+    """(seeds, epochs) that ``<run_dir>/args.json`` (written by main.py) names; None where unknown."""
+    try:
+        with open(os.path.join(run_dir, "args.json")) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None, None
+    seeds = record.get("seeds")
+    epochs = record.get("epochs")
+    return ([int(s) for s in seeds] if isinstance(seeds, list) else None,
+            int(epochs) if isinstance(epochs, int) else None)
+
+
+def _progress(path, state):
+    """(trained, planned) epochs of the member whose checkpoint ``path`` holds ``state``.
+
+    trained: the epoch of the member's last checkpoint (``checkpoint.pth.tar`` beside a best file);
+    planned: the run's ``args.json`` epochs, else an ``epochs`` entry of the checkpoint."""
+    folder = os.path.dirname(os.path.abspath(path))
+    trained = state.get("epoch")
+    last = os.path.join(folder, CHECKPOINT_FILES["last"])
+    if os.path.basename(path) != CHECKPOINT_FILES["last"] and os.path.isfile(last):
+        trained = load_checkpoint(last, mmap=True).get("epoch", trained)
+    planned = run_plan(os.path.dirname(folder))[1] if _seed_of(folder) is not None else None
+    if planned is None and isinstance(state.get("epochs"), int):
+        planned = state["epochs"]
+    return (int(trained) if trained is not None else None), planned
+
+
 def load_member_files(paths, dataset, device, model=None, width=None):
     """Load checkpoint files as one ensemble on ``device`` (eval mode); returns (members, spec).
 
@@ -101,17 +139,63 @@ def load_member_files(paths, dataset, device, model=None, width=None):
                             "an ensemble needs one architecture, width and class count")
         net = build_model(path, state, spec, dataset)
         specs.append(spec)
-        members.append(Member(path, net.to(device).eval(), state.get("seed")))
+        epoch = int(state["epoch"]) if state.get("epoch") is not None else None
+        members.append(Member(path, net.to(device).eval(), state.get("seed"), epoch, *_progress(path, state)))
     return members, specs[0]
 
 
+def describe_member(member):
+    """One line: which file, the epoch of its weights, how far the member trained."""
+    seed = f"seed {member.seed}" if member.seed is not None else "member"
+    weights = f"weights of epoch {member.epoch}" if member.epoch is not None else "epoch unknown"
+    if member.trained is None:
+        trained = ""
+    elif member.planned is None:
+        trained = f", trained {member.trained} epochs (planned count unknown)"
+    else:
+        trained = f", trained {member.trained} of {member.planned} epochs"
+    return f"{seed}: {member.path} ({weights}{trained})"
+
+
+def ensemble_gaps(resume, members):
+    """What makes the ensemble incomplete: seeds that a run's args.json lists but that have no
+    ``seed_<s>/`` folder, and members that trained fewer epochs than planned."""
+    gaps = []
+    for entry in resume:
+        if not os.path.isdir(entry) or _seed_of(entry) is not None:
+            continue
+        seeds, _ = run_plan(entry)
+        present = {_seed_of(d) for d in glob.glob(os.path.join(entry, "seed_*")) if os.path.isdir(d)}
+        missing = [s for s in seeds or [] if s not in present]
+        if missing:
+            gaps.append(f"'{entry}' has no {', '.join(f'seed_{s}/' for s in missing)} "
+                        f"(its args.json lists seeds {' '.join(map(str, seeds))})")
+    for member in members:
+        if member.planned is not None and member.trained is not None and member.trained < member.planned:
+            gaps.append(f"seed {member.seed} stopped after epoch {member.trained} of {member.planned} "
+                        f"({os.path.dirname(member.path)})")
+    return gaps
+
+
 def load_members(args, device, min_members=1):
-    """The members named by ``--resume`` (see the module docstring), checked to form one ensemble."""
+    """The members named by ``--resume`` (see the module docstring), checked to form one complete
+    ensemble; prints one line per member. ``spec['incomplete']`` lists what is missing (allowed only
+    with ``--allow_incomplete``)."""
     paths = find_member_checkpoints(args.resume, args.checkpoint)
     if len(paths) < min_members:
         raise UserError(f"mode '{args.mode}' compares members and needs at least {min_members} models; "
                         f"--resume gave {len(paths)} ({', '.join(paths)})")
-    return load_member_files(paths, args.dataset, device, model=args.model, width=args.width)
+    members, spec = load_member_files(paths, args.dataset, device, model=args.model, width=args.width)
+    for member in members:
+        print(f"member {describe_member(member)}", flush=True)
+    gaps = ensemble_gaps(args.resume, members)
+    if gaps and not getattr(args, "allow_incomplete", False):
+        raise UserError(f"incomplete ensemble: {'; '.join(gaps)}. Finish training (rerun the same main.py "
+                        "command), or pass --allow_incomplete to measure the members as they are")
+    if gaps:
+        print(f"warning: measuring an incomplete ensemble (--allow_incomplete): {'; '.join(gaps)}",
+              file=sys.stderr, flush=True)
+    return members, dict(spec, incomplete=gaps)
 
 
 def ensemble_summary(directory, seeds, splits, device, eval_batch_size=500, which="best"):
@@ -129,6 +213,8 @@ def ensemble_summary(directory, seeds, splits, device, eval_batch_size=500, whic
             path = os.path.join(directory, f"seed_{seed}", CHECKPOINT_FILES["last"])
         paths.append(path)
     members, _ = load_member_files(paths, splits.info.name, device)
+    for member in members:
+        print(f"member {describe_member(member)}", flush=True)
     models = [member.model for member in members]
     out = {}
     for name in ("val", "test"):

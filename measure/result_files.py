@@ -1,8 +1,10 @@
 """Result files of the measure scripts.
 
 ``<save>/<name>.json`` (atomic write, NaN written as null) with a ``meta`` block (checkpoints,
-dataset, seeds, software versions, command line) and ``<save>/<name>.csv``, one row per number:
-``mode,split,corruption,severity,member,setting,metric,value``.
+dataset, seeds, each member's epochs, software versions, command line) and ``<save>/<name>.csv``,
+one row per number: ``mode,split,corruption,severity,member,setting,metric,value``. These two are
+written only when a measurement is complete; until then ``<save>/<name>.partial.json`` holds the
+splits finished so far (``PartialResults``), so a late failure loses nothing and a rerun continues.
 """
 import csv
 import datetime
@@ -17,6 +19,9 @@ import tempfile
 
 import numpy as np
 import torch
+
+from utils import checkpoint
+from utils.errors import UserError
 
 CSV_FIELDS = ("mode", "split", "corruption", "severity", "member", "setting", "metric", "value")
 
@@ -47,6 +52,10 @@ def run_metadata(args, script, members, spec, device, **extra):
             "corrupt_path": os.path.abspath(args.corrupt_path) if args.corrupt_path else None,
             "checkpoints": [os.path.abspath(m.path) for m in members],
             "member_seeds": [m.seed for m in members], "seed": args.seed,
+            # Which weights were measured and how far each member trained (epochs planned by the run).
+            "members": [{"seed": m.seed, "checkpoint": os.path.abspath(m.path), "epoch": m.epoch,
+                         "trained_epochs": m.trained, "planned_epochs": m.planned} for m in members],
+            "incomplete_ensemble": spec.get("incomplete", []),
             "model": spec["model"], "width": spec["width"], "num_classes": spec["num_classes"],
             "eval_batch_size": args.eval_batch_size, "device": str(device),
             "versions": software_versions()}
@@ -70,17 +79,97 @@ def _json_safe(value):
 
 
 def atomic_write(path, write, mode="w"):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=".tmp_", dir=directory)
+    """``write(f)`` to a temporary file beside ``path``, then rename (utils.checkpoint.atomic_write):
+    a crash leaves the old file or the new one; a full disk or read-only folder is a UserError."""
+    checkpoint.atomic_write(path, write, mode)
+
+
+def check_output_folder(path, flag="--save"):
+    """Create ``path`` if needed and prove it writable with a probe file, before any long pass."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} '{path}' is a file; pass a folder")
     try:
-        with os.fdopen(handle, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        os.makedirs(path, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=checkpoint.TMP_PREFIX + "probe_", dir=path)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as err:
+        raise UserError(f"{flag} '{path}' cannot be created or written ({err.strerror or err}); "
+                        "choose another folder") from None
+
+
+def _nan_from_null(value):
+    """Undo ``_json_safe``'s NaN -> null, so a report read back computes like the original."""
+    if isinstance(value, dict):
+        return {k: _nan_from_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_from_null(v) for v in value]
+    return float("nan") if value is None else value
+
+
+def measurement_key(args, members, mode):
+    """What a finished split's numbers depend on besides its data: the checkpoints (path, size,
+    modification time), the dataset and how it is read, the batch size and the mode."""
+    checkpoints = []
+    for member in members:
+        stat = os.stat(member.path)
+        checkpoints.append([os.path.abspath(member.path), stat.st_size, stat.st_mtime_ns])
+    return {"mode": mode, "dataset": args.dataset, "data_path": os.path.abspath(args.data_path),
+            "corrupt_path": os.path.abspath(args.corrupt_path) if args.corrupt_path else None,
+            "tiny_val": args.tiny_val, "eval_batch_size": args.eval_batch_size, "checkpoints": checkpoints}
+
+
+class PartialResults:
+    """``<save>/<name>.partial.json``: the results of every finished split, rewritten atomically
+    after each one (``complete: false`` and the list of finished splits), removed once the complete
+    ``<name>.json`` is written.
+
+    A rerun with the same ``key`` (``measurement_key``) reuses a finished split when the files it
+    was read from still have the same size and modification time (``sources``); anything else is
+    measured again. ``<name>.json`` itself is never partial, so "the JSON exists" means "complete"
+    for the report and for scripts/figure7.sh.
+    """
+
+    def __init__(self, save_dir, name, key, meta=None):
+        self.path = os.path.join(save_dir, f"{name}.partial.json")
+        self.key, self.meta, self.splits = _json_safe(key), _json_safe(meta or {}), {}
+        if not os.path.isfile(self.path):
+            return
+        try:
+            with open(self.path) as f:
+                previous = json.load(f)
+        except (OSError, ValueError):
+            previous = {}
+        if previous.get("key") == self.key:
+            self.splits = previous.get("splits", {})
+            print(f"continuing from {self.path}: {len(self.splits)} split(s) already measured", flush=True)
+        else:
+            print(f"note: {self.path} was written for other checkpoints or settings; measuring from the start",
+                  flush=True)
+
+    def get(self, split_key, sources):
+        """The stored result of ``split_key`` if it was measured from the same ``sources``, else None."""
+        entry = self.splits.get(split_key)
+        if entry is None or entry.get("sources") != _json_safe(sources):
+            return None
+        return _nan_from_null(entry["result"])
+
+    def add(self, split_key, sources, result):
+        self.splits[split_key] = {"sources": _json_safe(sources), "result": _json_safe(result)}
+        payload = {"complete": False, "finished_splits": list(self.splits), "meta": self.meta, "key": self.key,
+                   "splits": self.splits}
+        text = json.dumps(payload, indent=1, allow_nan=False)
+        atomic_write(self.path, lambda f: f.write(text + "\n"))
+
+    def finish(self):
+        """The complete result is written: the partial file has served its purpose."""
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+def partial_results(args, members, mode, meta):
+    """The ``PartialResults`` of ``mode`` in ``--save`` for this run's checkpoints and settings."""
+    return PartialResults(args.save, mode, measurement_key(args, members, mode), dict(meta, mode=mode))
 
 
 def write_results(save_dir, name, payload, rows):

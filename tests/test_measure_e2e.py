@@ -293,3 +293,196 @@ def test_run_directory_discovery(tmp_path):
     os.remove(os.path.join(run, "seed_27", "model_best.pth.tar"))
     with pytest.raises(UserError, match="--checkpoint last"):
         loading.find_member_checkpoints([run], "best")
+
+
+# ----------------------------------------------------- checked before the long passes (issue 12.4)
+def _count_passes(monkeypatch):
+    calls = []
+    original = forward.member_forward
+    monkeypatch.setattr(forward, "member_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("damage, expected", [
+    # 5n-5 rows: a file that ends one image short per severity (the 49,995-row jpeg_compression.npy)
+    (lambda d: np.save(os.path.join(d, "jpeg_compression.npy"), np.load(os.path.join(d, "fog.npy"))[:-5]),
+     r"jpeg_compression\.npy' has shape \(95, 32, 32, 3\) \(19 images per severity\), but .*labels\.npy' has 100"),
+    (lambda d: np.save(os.path.join(d, "jpeg_compression.npy"), np.load(os.path.join(d, "fog.npy")) / 255.0),
+     r"jpeg_compression\.npy' has dtype float64 and shape \(100, 32, 32, 3\); expected uint8"),
+    (lambda d: np.save(os.path.join(d, "labels.npy"), np.full(100, 10)),
+     r"labels\.npy' holds labels from 10 to 10; expected classes 0\.\.9"),
+])
+def test_damaged_corruption_file_stops_before_the_first_pass(tmp_path, capsys, monkeypatch, damage, expected):
+    _, _, images, labels = make_cifar(str(tmp_path), "cifar10", n_train=20, n_test=20)
+    damage(make_cifar_c(str(tmp_path), images, labels, "cifar10", corruptions=["fog", "jpeg_compression"]))
+    run = make_run(tmp_path / "run")
+    calls = _count_passes(monkeypatch)
+    argv = ["--dataset", "cifar10", "--data_path", str(tmp_path), "--resume", run, "--device", "cpu",
+            "--corruptions", "fog,jpeg_compression", "--save", str(tmp_path / "out")]
+    for main, mode in ((measure_diversity.main, "predict"), (measure_diversity_variance.main, "variance_mse_c")):
+        line = _error_line(capsys, main, argv + ["--mode", mode])
+        assert __import__("re").search(expected, line), line
+    assert calls == [] and not os.path.exists(tmp_path / "out")
+
+
+def test_tiny_imagenet_c_empty_class_folder_stops_before_the_first_pass(tmp_path, capsys, monkeypatch):
+    root = str(tmp_path)
+    _, wnids = make_tiny_imagenet(root, num_classes=2, train_per_class=2, val_per_class=1, with_c=True)
+    empty = os.path.join(root, "Tiny-ImageNet-C", "pixelate", "4", wnids[1])
+    for name in os.listdir(empty):
+        os.remove(os.path.join(empty, name))
+    run = make_run(tmp_path / "run", dataset="tiny_imgnet", num_classes=200)
+    calls = _count_passes(monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(measure_diversity_variance.main, ["--dataset", "tiny_imgnet", "--data_path", root, "--resume", run,
+                                                   "--device", "cpu", "--save", str(tmp_path / "out")])
+    *warnings, line = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and all(w.startswith("warning: ") for w in warnings)  # 1 image per class
+    assert line.startswith("error: ") and f"class folder '{empty}' holds no images" in line and calls == []
+
+
+def test_unwritable_save_folder_stops_before_the_first_pass(cifar, tmp_path, capsys, monkeypatch):
+    data, run = cifar
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    calls = _count_passes(monkeypatch)
+    base = ["--dataset", "cifar10", "--data_path", data, "--resume", run, "--device", "cpu", "--corruptions", "none"]
+    line = _error_line(capsys, measure_diversity.main, base + ["--save", str(blocker / "out")])
+    assert f"--save '{blocker / 'out'}' cannot be created or written" in line
+    line = _error_line(capsys, measure_diversity.main, base + ["--save", str(blocker)])
+    assert "is a file" in line
+    line = _error_line(capsys, measure_sharpness.main, base[:-2] + ["--mode", "fisher", "--save", str(blocker / "o")])
+    assert "cannot be created or written" in line
+    assert calls == []
+
+
+# --------------------------------------------------- a late failure keeps the finished splits (issue 12.4)
+def _interrupt_after(monkeypatch, passes):
+    """Ctrl-C (KeyboardInterrupt) at the start of pass number ``passes`` + 1."""
+    calls = []
+    original = forward.member_forward
+
+    def member_forward(*a, **k):
+        calls.append(1)
+        if len(calls) > passes:
+            raise KeyboardInterrupt
+        return original(*a, **k)
+    monkeypatch.setattr(forward, "member_forward", member_forward)
+    return calls
+
+
+def _without_run_details(payload):
+    meta = {k: v for k, v in payload["meta"].items() if k not in ("created", "command")}
+    return dict(payload, meta=meta)
+
+
+@pytest.mark.parametrize("script, modes", [(measure_diversity, "predict,disagreement"),
+                                           (measure_diversity_variance, "variance_mse_c,variance_mse")])
+def test_interrupted_measurement_keeps_and_resumes_finished_splits(cifar, tmp_path, capsys, monkeypatch, script,
+                                                                    modes):
+    from measure import cli
+    data, run = cifar
+    argv = ["--dataset", "cifar10", "--data_path", data, "--resume", run, "--device", "cpu", "--mode", modes,
+            "--corruptions", "fog,snow"]
+    script.main(argv + ["--save", str(tmp_path / "whole")])
+    first = modes.split(",")[0]
+    save = str(tmp_path / "parts")
+    _interrupt_after(monkeypatch, 4)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(script.main, argv + ["--save", save], interrupted=cli.SPLITS_INTERRUPTED)
+    assert exit_info.value.code == 130 and "partial.json" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(save, f"{first}.json"))  # <mode>.json always means complete
+    partial = _load(os.path.join(save, f"{first}.partial.json"))
+    # -C cells in CORRUPTIONS order: snow before fog
+    # (variance_mse, the clean test set, is measured first: then 3 cells)
+    done = ["val", "test", "snow_1", "snow_2"] if script is measure_diversity else [f"snow_{s}" for s in range(1, 4)]
+    assert partial["complete"] is False and partial["finished_splits"] == done
+
+    # Rerun: the finished splits are reused, only the rest is measured, and the numbers equal one run's.
+    monkeypatch.undo()
+    counted = _count_passes(monkeypatch)
+    script.main(argv + ["--save", save])
+    printed = capsys.readouterr().out
+    assert f"continuing from {os.path.join(save, first + '.partial.json')}: {len(done)} split(s)" in printed
+    remaining = 12 - 4 if script is measure_diversity else 10 - 3
+    assert len(counted) == remaining
+    for mode in modes.split(","):
+        assert not os.path.exists(os.path.join(save, f"{mode}.partial.json"))
+        whole, resumed = _load(str(tmp_path / "whole" / f"{mode}.json")), _load(os.path.join(save, f"{mode}.json"))
+        assert _without_run_details(resumed) == _without_run_details(whole)  # bit-identical numbers
+
+
+def test_changed_input_file_is_measured_again(cifar, tmp_path, monkeypatch):
+    import shutil
+    data, run = str(tmp_path / "data"), cifar[1]
+    shutil.copytree(cifar[0], data)
+    save = str(tmp_path / "out")
+    argv = ["--dataset", "cifar10", "--data_path", data, "--resume", run, "--device", "cpu", "--mode", "predict",
+            "--corruptions", "fog,snow", "--save", save]
+    _interrupt_after(monkeypatch, 11)  # val, test, snow 1-5, fog 1-4 done
+    with pytest.raises(KeyboardInterrupt):
+        measure_diversity.main(argv)
+    os.utime(os.path.join(data, "CIFAR-10-C", "snow.npy"), ns=(1, 1))  # replaced since: measure snow again
+    monkeypatch.undo()
+    calls = _count_passes(monkeypatch)
+    measure_diversity.main(argv)
+    assert len(calls) == 5 + 1  # snow 1-5 again, and fog 5
+
+
+# ---------------------------------------------------------- incomplete ensembles (issue 12.6)
+def _set_epoch(path, epoch):
+    state = torch.load(path, weights_only=True)
+    state["epoch"] = epoch
+    save_checkpoint(state, path)
+
+
+def _planned_run(directory, seeds, epochs, trained, best):
+    """A run folder as main.py leaves it: args.json and, per seed, last and best checkpoints."""
+    run = make_run(directory, seeds=seeds)
+    with open(os.path.join(run, "args.json"), "w") as f:
+        json.dump({"seeds": [13, 17, 27], "epochs": epochs, "data": "cifar10"}, f)
+    for seed in seeds:
+        _set_epoch(os.path.join(run, f"seed_{seed}", "checkpoint.pth.tar"), trained[seed])
+        _set_epoch(os.path.join(run, f"seed_{seed}", "model_best.pth.tar"), best[seed])
+    return run
+
+
+def test_missing_member_folder_is_refused_unless_allowed(cifar, tmp_path, capsys):
+    run = _planned_run(tmp_path / "run", (13, 17), 6, trained={13: 6, 17: 6}, best={13: 6, 17: 4})
+    common = ["--dataset", "cifar10", "--data_path", cifar[0], "--resume", run, "--device", "cpu",
+              "--save", str(tmp_path / "out")]
+    argv = common + ["--corruptions", "none"]
+    for main, flags in ((measure_diversity.main, argv + ["--mode", "predict"]),
+                        (measure_diversity_variance.main, argv + ["--mode", "variance_mse"]),
+                        (measure_sharpness.main, common + ["--mode", "fisher"])):
+        line = _error_line(capsys, main, flags)
+        assert f"incomplete ensemble: '{run}' has no seed_27/ (its args.json lists seeds 13 17 27)" in line
+        assert "--allow_incomplete" in line
+    measure_diversity.main(argv + ["--mode", "predict", "--allow_incomplete"])
+    captured = capsys.readouterr()
+    assert f"member seed 17: {run}/seed_17/model_best.pth.tar (weights of epoch 4, trained 6 of 6 epochs)" \
+        in captured.out.splitlines()
+    assert "warning: measuring an incomplete ensemble" in captured.err
+    meta = _load(str(tmp_path / "out" / "predict.json"))["meta"]
+    assert [(m["seed"], m["epoch"], m["trained_epochs"], m["planned_epochs"]) for m in meta["members"]] == \
+        [(13, 6, 6, 6), (17, 4, 6, 6)]
+    assert len(meta["incomplete_ensemble"]) == 1 and "seed_27/" in meta["incomplete_ensemble"][0]
+
+
+def test_member_stopped_early_is_refused_unless_allowed(cifar, tmp_path, capsys):
+    run = _planned_run(tmp_path / "run", (13, 17, 27), 6, trained={13: 6, 17: 2, 27: 6}, best={13: 5, 17: 2, 27: 6})
+    argv = ["--dataset", "cifar10", "--data_path", cifar[0], "--resume", run, "--device", "cpu", "--corruptions",
+            "none", "--mode", "predict", "--save", str(tmp_path / "out")]
+    line = _error_line(capsys, measure_diversity.main, argv)
+    assert f"incomplete ensemble: seed 17 stopped after epoch 2 of 6 ({run}/seed_17)" in line
+    measure_diversity.main(argv + ["--allow_incomplete", "--checkpoint", "last"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line.startswith("member ")] == [
+        f"member seed {s}: {run}/seed_{s}/checkpoint.pth.tar (weights of epoch {e}, trained {e} of 6 epochs)"
+        for s, e in ((13, 6), (17, 2), (27, 6))]
+    meta = _load(str(tmp_path / "out" / "predict.json"))["meta"]
+    assert [m["trained_epochs"] for m in meta["members"]] == [6, 2, 6]
+    # A finished run is measured without a word: every member trained 6 of 6 (best weights from earlier epochs).
+    _set_epoch(os.path.join(run, "seed_17", "checkpoint.pth.tar"), 6)
+    measure_diversity.main(argv)
+    assert _load(str(tmp_path / "out" / "predict.json"))["meta"]["incomplete_ensemble"] == []
