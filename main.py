@@ -12,6 +12,7 @@ import os
 import sys
 
 from data import build_datasets
+from training.accel import add_fast_path_args, check_fast_path
 from training.scores import SHARPNESS_BACKENDS
 from training.split import SELECT_CHOICES, SPLIT_RULE_CHOICES, TRAIN_SUBSET_CHOICES
 from utils.args import add_data_args, add_device_args, add_model_args, make_parser, parse_seeds, str2bool
@@ -25,6 +26,7 @@ def get_parser():
     add_data_args(parser, flag="--data")
     add_model_args(parser)
     add_device_args(parser)
+    add_fast_path_args(parser)
     opt = parser.add_argument_group("optimisation (released defaults)")
     opt.add_argument("--epochs", type=int, default=200)
     opt.add_argument("--lr", type=float, default=0.1)
@@ -98,13 +100,14 @@ def main(argv=None):
     check_args(args)
     rank, world_size, local_rank = dist_env()
     device = select_device(args.device, local_rank=local_rank)
+    check_fast_path(args, device)
     splits = build_datasets(args.data, args.data_path, tiny_val=args.tiny_val, download=(rank == 0))
     if args.evaluate:
         # Loading and ensemble prediction are shared with the measure scripts.
         from measure.loading import ensemble_summary
         return ensemble_summary(args.resume or args.save_path, args.seeds, splits, device,
                                 eval_batch_size=args.eval_batch_size)
-    rank, world_size = init_distributed(device)
+    rank, world_size = init_distributed(device, args.device)
     from training.trainer import run_training
     try:
         run_training(args, splits, device, rank, world_size)

@@ -100,7 +100,7 @@ class _FastForward:
             try:
                 self.compiled = torch.compile(self._forward, backend=compile_backend)
             except Exception as err:  # noqa: BLE001 - e.g. an unknown backend or an unsupported Python
-                _say_eager(f"torch.compile failed ({type(err).__name__}: {_first_line(err)})")
+                _say_eager(f"torch.compile failed ({_reason(err)})")
 
     def _forward(self, *args, **kwargs):
         if self.amp_dtype is None:
@@ -117,14 +117,16 @@ class _FastForward:
             except torch._dynamo.exc.TorchDynamoException as err:
                 # Raised while tracing or compiling, before the graph ran: nothing was computed, so
                 # the same call in eager mode is the step the compiled one would have been.
-                _say_eager(f"compiling failed ({type(err).__name__}: {_first_line(err)})")
+                _say_eager(f"compiling failed ({_reason(err)})")
                 self.compiled = None
         return self._forward(*args, **kwargs)
 
 
-def _first_line(err):
-    text = str(err).strip().splitlines()
-    return (text[0] if text else "")[:160]
+def _reason(err):
+    """'Type: first line' of the error that made compiling fail (dynamo wraps the compiler's own)."""
+    inner = getattr(err, "inner_exception", None) or err.__cause__ or err
+    text = str(inner).strip().splitlines()
+    return f"{type(inner).__name__}: {(text[0] if text else '')[:160]}"
 
 
 class FastPath:

@@ -22,6 +22,7 @@ import torch
 
 from data import BatchLoader
 from models import create_model
+from training.accel import FastPath
 from training.engine import NonFiniteLoss, evaluate, train_one_epoch
 from training.sam import SAM
 from training.scores import per_sample_sharpness
@@ -33,7 +34,7 @@ from utils.errors import UserError
 # Arguments that define what is trained: a resumed run must agree on all of them.
 METHOD_KEYS = ("data", "model", "width", "seeds", "epochs", "lr", "lrsche", "batch_size", "momentum",
                "weight_decay", "sam", "rho", "flat_ratio", "initial_epochs", "train_subset", "select",
-               "split_rule", "freeze_bn_on_perturbed", "tiny_val")
+               "split_rule", "freeze_bn_on_perturbed", "tiny_val", "amp", "channels_last", "compile")
 LOG_FIELDS = ("epoch", "phase", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc",
               "sam_fraction", "epoch_seconds", "samples_per_second")
 
@@ -92,6 +93,8 @@ class Member:
         np.random.seed(seed)
         random.seed(seed)
         self.model = create_model(args.model, splits.info.num_classes, width=args.width, dataset=args.data).to(device)
+        self.fast = FastPath.from_args(args, device)  # --amp / --channels_last / --compile (off: unchanged)
+        self.fast.prepare(self.model)
         sgd = dict(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
         if args.sam:
             self.optimizer = SAM(self.model.parameters(), torch.optim.SGD, rho=args.rho, **sgd)
@@ -115,7 +118,7 @@ class Member:
             "scheduler": self.scheduler.state_dict(), "epoch": self.epochs_done, "best_acc": self.best_acc,
             "seed": self.seed, "model": self.args.model, "width": self.args.width, "dataset": self.args.data,
             "num_classes": self.model.linear.out_features, "method": method_name(self.args),
-            "sam_mask": self.sam_mask, "rng_cpu": torch.get_rng_state(),
+            "sam_mask": self.sam_mask, "rng_cpu": torch.get_rng_state(), **self.fast.state_dict(),
         }
 
     def resume(self, directory):
@@ -128,6 +131,7 @@ class Member:
         self.scheduler.load_state_dict(state["scheduler"])
         self.epochs_done, self.best_acc = int(state["epoch"]), float(state["best_acc"])
         self.sam_mask = state.get("sam_mask")
+        self.fast.load_state_dict(state)
         torch.set_rng_state(state["rng_cpu"].cpu())
         self._truncate_log()
         return True
@@ -166,7 +170,8 @@ class Member:
             desc = f"seed {self.seed} epoch {epoch + 1}/{args.epochs}"
             stats = train_one_epoch(self.model, self.optimizer, self.train_loader, epoch, use_sam=args.sam,
                                     sam_mask=self.sam_mask, freeze_bn_on_perturbed=args.freeze_bn_on_perturbed,
-                                    print_freq=args.print_freq, desc=desc, progress=progress)
+                                    print_freq=args.print_freq, desc=desc, progress=progress,
+                                    scaler=self.fast.scaler)
             val_loss, val_acc = evaluate(self.model, self.val_loader)
             self.scheduler.step()
             self.epochs_done = epoch + 1

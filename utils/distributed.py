@@ -24,15 +24,50 @@ def dist_env():
     return 0, 1, None
 
 
-def init_distributed(device):
-    """Start the process group when launched by torchrun (nccl on CUDA, gloo otherwise)."""
+def gpus_in_use(device_name, local_world_size, device_count):
+    """How many distinct GPUs this node's ranks train on: an explicit ``cuda:N`` puts them all on
+    one, otherwise (``auto``/``cuda``) rank r takes ``cuda:<r % device_count>``, as select_device does."""
+    if ":" in str(device_name):
+        return 1
+    return max(1, min(local_world_size, device_count))
+
+
+def collective_backend(device_type, local_world_size, gpus):
+    """``nccl`` when every rank of the node has a GPU of its own, else ``gloo``.
+
+    NCCL refuses two ranks on one GPU ("duplicate GPU"), which is what several members sharing one
+    GPU means; gloo works there, and the one collective of a run (the score exchange at the split)
+    then goes through host memory, which costs nothing measurable next to the training.
+    """
+    if device_type == "cuda" and local_world_size <= gpus:
+        return "nccl"
+    return "gloo"
+
+
+def init_distributed(device, device_name="auto"):
+    """Start the process group when launched by torchrun; the backend by ``collective_backend``.
+
+    ``device_name`` is the ``--device`` the command gave (all ranks read the same one), so every
+    rank picks the same backend.
+    """
     rank, world_size, _ = dist_env()
     if world_size > 1 and not dist.is_initialized():
+        backend = "gloo"
         if device.type == "cuda":
             # NCCL binds each rank to the current device; make it this rank's GPU, not cuda:0.
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+            gpus = gpus_in_use(device_name, local_world_size, torch.cuda.device_count())
+            backend = collective_backend(device.type, local_world_size, gpus)
+        dist.init_process_group(backend=backend)
     return rank, world_size
+
+
+def exchange_device(device):
+    """Where tensors must be for the collectives: the GPU under nccl, the host under gloo."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return device
+    return torch.device("cpu")
 
 
 def gather_member_rows(rows, num_members, length, world_size, device):
@@ -48,6 +83,7 @@ def gather_member_rows(rows, num_members, length, world_size, device):
         local[member] = values.float().cpu()
     if world_size == 1:
         return local
+    device = exchange_device(device)
     buffers = [torch.zeros_like(local, device=device) for _ in range(world_size)]
     dist.all_gather(buffers, local.to(device))
     full = torch.zeros_like(local)
