@@ -11,7 +11,8 @@
 #   EPOCHS=20 WIDTH=8 BATCH_SIZE=64 LR=0.1 RHO=0.2 FLAT_RATIO=0.5 INITIAL_EPOCHS=epochs/2
 #   DEVICE=cpu  JOBS=3 (three runs at a time, one thread each; 2 cores are enough)
 #   SHARPNESS_EXTRA="--batch-num 10 --norm l2" (the release measures 100 batches, l2 and linf)
-# Rerunning reuses what is finished (delete $OUT to start over).
+# Rerunning reuses what is finished (delete $OUT to start over). One Ctrl-C stops the whole demo
+# (figure7.sh stops the running steps and starts no more); rerun the same command to resume.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/train/_common.sh"
 

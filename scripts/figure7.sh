@@ -26,6 +26,8 @@
 # Rerunning skips finished work (a run whose members reached EPOCHS; a measurement whose JSON
 # exists) and resumes unfinished runs. A failed step is reported, its dependants are skipped, the
 # rest goes on, the report is written from what exists, and the exit status is 1.
+# One Ctrl-C (or SIGTERM) stops everything: the running steps are stopped, nothing else starts, no
+# report is written, and a line says how to resume (rerun the same command).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/train/_common.sh"
 
@@ -65,26 +67,56 @@ failed=()
 
 # ---------------------------------------------------------------------------------- job running
 # step NAME CMD...: run CMD with its output in $LOGS/NAME.log and its exit status in $LOGS/NAME.rc.
-# JOBS=1: in the foreground, output also on the terminal. JOBS>1: in the background, at most JOBS.
+# JOBS=1: one at a time, output also on the terminal. JOBS>1: in the background, at most JOBS.
+# Either way the step is a background job that the script waits for (so a signal to the script is
+# handled at once, not after the step), started with job control on (set -m) so that it gets its own
+# process group, holding everything it starts (torchrun and its workers, tee), and keeps SIGINT
+# (without job control, background commands ignore it). Job control is off otherwise, so the
+# script's own commands stay in the terminal's process group and Ctrl-C always reaches the script.
 step() {
     local name="$1"
     shift
     rm -f "$LOGS/$name.rc"
-    if ((JOBS <= 1)); then
-        local rc=0
-        "$@" 2>&1 | tee "$LOGS/$name.log" || rc=$?
-        echo "$rc" >"$LOGS/$name.rc"
-    else
+    if ((JOBS > 1)); then
         while (($(jobs -pr | wc -l) >= JOBS)); do wait -n 2>/dev/null || true; done
         echo "    started $name (log: $LOGS/$name.log)"
-        (
-            rc=0
-            "$@" >"$LOGS/$name.log" 2>&1 || rc=$?
-            echo "$rc" >"$LOGS/$name.rc"
-            if ((rc == 0)); then echo "    done    $name ($(tail -n 1 "$LOGS/$name.log" | cut -c1-100))"; fi
-        ) &
     fi
+    set -m
+    (
+        rc=0
+        if ((JOBS <= 1)); then
+            # tee ignores SIGINT so that the step's own "interrupted" line still reaches the log.
+            "$@" </dev/null 2>&1 | (trap '' INT; exec tee "$LOGS/$name.log") || rc=$?
+        else
+            "$@" </dev/null >"$LOGS/$name.log" 2>&1 || rc=$?
+        fi
+        echo "$rc" >"$LOGS/$name.rc"
+        if ((JOBS > 1 && rc == 0)); then echo "    done    $name ($(tail -n 1 "$LOGS/$name.log" | cut -c1-100))"; fi
+    ) &
+    set +m
+    if ((JOBS <= 1)); then wait "$!" || true; fi
 }
+
+# On Ctrl-C / SIGTERM: pass SIGINT to every running step's process group (Python stops cleanly;
+# checkpoints and results are written atomically), force what still runs after 30 s, start
+# nothing more, then end by the same signal so a calling script (demo.sh) stops too.
+interrupted() {
+    local sig="$1" pid
+    trap '' INT TERM  # one Ctrl-C is enough; more while stopping change nothing
+    echo "" >&2
+    echo "!!! interrupted: stopping the running step(s)" >&2
+    for pid in $(jobs -p); do kill -INT -- "-$pid" 2>/dev/null || true; done
+    for _ in $(seq 300); do [[ -z "$(jobs -pr)" ]] && break; sleep 0.1; done
+    for pid in $(jobs -pr); do kill -KILL -- "-$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    echo "Figure 7 pipeline interrupted after $((SECONDS - start_time))s; no further step was started (the report" \
+        "is written only by a run that gets through). To resume, rerun the same command: finished training and" \
+        "measurements are skipped, unfinished training continues from its last completed epoch (logs in $LOGS)" >&2
+    trap - "$sig"
+    kill -s "$sig" "$$"
+}
+trap 'interrupted INT' INT
+trap 'interrupted TERM' TERM
 
 # collect NAME...: wait for the background steps, then note the failed ones (their log's tail shown).
 collect() {
