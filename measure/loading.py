@@ -103,7 +103,7 @@ def _progress(path, state):
     folder = os.path.dirname(os.path.abspath(path))
     trained = state.get("epoch")
     last = os.path.join(folder, CHECKPOINT_FILES["last"])
-    if os.path.basename(path) != CHECKPOINT_FILES["last"] and os.path.isfile(last):
+    if os.path.basename(path) == CHECKPOINT_FILES["best"] and os.path.isfile(last):
         trained = load_checkpoint(last, mmap=True).get("epoch", trained)
     planned = run_plan(os.path.dirname(folder))[1] if _seed_of(folder) is not None else None
     if planned is None and isinstance(state.get("epochs"), int):
