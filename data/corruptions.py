@@ -1,7 +1,7 @@
 """The 15 common corruptions of Hendrycks & Dietterich (2019), for small images, in numpy/scipy.
 
 ``corrupt(images, name, severity, seed)`` maps uint8 images (N, H, W, 3) to uint8 images of the same
-shape. Each corruption follows the definition used to build CIFAR-10-C (SPEC §3) and its five
+shape. Each corruption follows the definition used to build CIFAR-10-C and its five
 severity parameters; it is written for 8x8 images (the embedded digits) and works for any size
 (32x32 included).
 

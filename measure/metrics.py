@@ -1,4 +1,4 @@
-"""Ensemble metrics on arrays of logits (SPEC §4 and §5), in float64 numpy.
+"""Ensemble metrics on arrays of logits (README, "Measuring an ensemble"), in float64 numpy.
 
 Shapes: ``logits`` of one model is ``(n, C)``; a stack of members is ``(M, n, C)``; ``labels`` is
 ``(n,)`` of ints. Nothing here touches a model or a file, so every function can be checked against a
@@ -213,7 +213,7 @@ class VarianceAccumulator:
 # ----------------------------------------------------------------------------- corrupted cells
 def mean_reports(reports):
     """Unweighted mean over reports of every numeric entry (lists and matrices elementwise);
-    ``n`` is summed. The -C summaries are means over (corruption, severity) cells (SPEC §3)."""
+    ``n`` is summed. The -C summaries are unweighted means over the 15 × 5 (corruption, severity) cells."""
     out = {}
     for key in reports[0]:
         values = [r[key] for r in reports]

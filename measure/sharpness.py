@@ -1,4 +1,4 @@
-"""Sharpness of a trained model on fixed batches (SPEC §5): worst case (APGD), average case, Fisher.
+"""Sharpness of a trained model on fixed batches: worst case (APGD), average case, Fisher.
 
 All parameters are perturbed, the model stays in eval mode (BatchNorm uses its running statistics),
 the loss is mean cross-entropy per batch. Parameters are handled as one flat vector ``w``; a

@@ -18,7 +18,7 @@ DATASETS = ("cifar10", "cifar100", "tiny_imgnet", "digits")
 DATASET_LABELS = {"cifar10": ("CIFAR-10", "CIFAR-10-C"), "cifar100": ("CIFAR-100", "CIFAR-100-C"),
                   "tiny_imgnet": ("Tiny-ImageNet", "Tiny-ImageNet-C"), "digits": ("digits", "digits-C")}
 
-# SPEC §8 (the paper's Figure 7): (ensemble accuracy, mean individual accuracy) in %, mean of 3 ensembles.
+# The paper's Figure 7: (ensemble accuracy, mean individual accuracy) in %, mean of 3 ensembles.
 PAPER = {
     ("cifar10", "ID"): {"deep_ensemble": (95.58, 94.74), "sam": (96.06, 95.66), "sharpbalance": (96.18, 95.73)},
     ("cifar100", "ID"): {"deep_ensemble": (79.28, 76.77), "sam": (79.50, 77.81), "sharpbalance": (79.84, 78.06)},

@@ -12,7 +12,7 @@ from utils.errors import UserError
 
 
 def test_split_matches_released_index_files():
-    # SPEC §3: the first entries of the released valid_idx.npy / train_idx.npy.
+    # The first entries of the released valid_idx.npy / train_idx.npy.
     train_idx, val_idx = split_indices(50000)
     assert len(train_idx) == 45000 and len(val_idx) == 5000
     assert val_idx[:5].tolist() == [11841, 19602, 45519, 25747, 42642]

@@ -42,7 +42,7 @@ def test_ensemble_accuracy_and_nll_match_loops(stack):
 
 def test_ensemble_averages_probabilities_not_logits():
     # one member is sure of class 0, two prefer class 1: the mean logit picks 0, the mean
-    # probability picks 1 (SPEC §4 averages probabilities)
+    # probability picks 1 (the ensemble averages probabilities)
     logits = np.array([[[10.0, 0.0, 0.0]], [[0.0, 3.0, 0.0]], [[0.0, 3.0, 0.0]]])
     log_p = metrics.ensemble_log_probs(logits)
     probs = np.mean([np.exp(metrics.log_softmax(z)) for z in logits], axis=0)

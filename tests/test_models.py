@@ -10,7 +10,7 @@ def count(model):
 
 
 def test_resnet18_parameter_counts_match_spec():
-    # SPEC §6: the CIFAR ResNet18 at width 64.
+    # The CIFAR ResNet18 at width 64 (the released model).
     assert count(create_model("resnet18", 10)) == 11_173_962
     assert count(create_model("resnet18", 100)) == 11_220_132
 

@@ -19,13 +19,13 @@ def as_set(mask_row):
     return set(np.flatnonzero(mask_row).tolist())
 
 
-# --------------------------------------------------------------------------- SPEC worked example
+# --------------------------------------------------------------------------- worked example
 
 WORKED_LOW_SETS = [{2, 3, 4, 5, 6, 7}, {0, 2, 4, 6, 7, 10}, {2, 3, 4, 6, 7, 11}]
 
 
 def worked_scores():
-    """Scores whose 6 lowest per member are exactly the SPEC's L_0, L_1, L_2 (N=12)."""
+    """Scores whose 6 lowest per member are exactly the worked example's L_0, L_1, L_2 (N=12)."""
     rng = np.random.RandomState(5)
     scores = np.zeros((3, 12))
     for j, low in enumerate(WORKED_LOW_SETS):

@@ -1,9 +1,9 @@
-"""Tests for theory/ and theoretical_verification.ipynb (SPEC §7).
+"""Tests for theory/ and theoretical_verification.ipynb (the paper's theory).
 
 Each closed form is checked against a computation that does not share its algebra: Monte-Carlo
 traces of random Gram matrices, numerical integration of the Marchenko–Pastur density, literal SAM
 steps, projected gradient ascent, brute-force ensembles. Statistical comparisons use "within three
-standard errors of the simulated mean"; where the paper's claim does not hold at the SPEC settings,
+standard errors of the simulated mean"; where the paper's claim does not hold at the paper's settings,
 the test says so (strict xfail with the measured numbers) instead of widening its tolerance.
 """
 import math
@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def pool():
-    """20 SPEC-sized data sets × 100 inits and a teacher, shared by the statistical tests."""
+    """20 paper-sized data sets × 100 inits and a teacher, shared by the statistical tests."""
     rng = np.random.default_rng(20240601)
     w_hat = theory.draw_teacher(D, SIGMA2, rng)
     return w_hat, theory.draw_datasets(20, N, D, P, SPLITS, 100, rng)
@@ -103,7 +103,7 @@ def test_spectral_sam_map_matches_literal_sam_steps():
 
 def test_exact_ball_maximiser_agrees_with_projected_gradient_ascent():
     rng = np.random.default_rng(11)
-    # A SAM instance at SPEC size, in both the contracting and the expanding regime.
+    # A SAM instance at the paper's size, in both the contracting and the expanding regime.
     A = rng.standard_normal((N, D)) / math.sqrt(D)
     B = A.T @ A
     lam, V = np.linalg.eigh(B)
@@ -196,7 +196,7 @@ def test_seeded_runs_are_identical():
 
 @pytest.mark.parametrize("rho", [0.0, 0.1])
 def test_sam_diversity_closed_form_matches_simulation_when_sam_contracts(pool, rho):
-    # For ρ ≤ 0.1 every eigenvalue of one SAM step lies in (−1, 1) at the SPEC settings.
+    # For ρ ≤ 0.1 every eigenvalue of one SAM step lies in (−1, 1) at the paper's settings.
     w_hat, datasets = pool
     result = theory.simulate_sam(datasets, w_hat, k=K, eta=ETA, rho=rho, rho0=RHO0,
                                  sigma2=SIGMA2, p=P)

@@ -1,6 +1,6 @@
 """The sharpness–diversity trade-off on a noiseless linear model: closed forms and simulations.
 
-This module backs `theoretical_verification.ipynb` (SPEC §7). The model:
+This module backs `theoretical_verification.ipynb` (README, "Theory"). The model:
 
     A ∈ R^{n×d} with i.i.d. N(0, 1/d) entries, teacher ŵ, labels y = Aŵ,
     loss f(w) = ½‖Aw − y‖² = ½ (w − ŵ)ᵀ B (w − ŵ)  with  B = AᵀA.
@@ -27,7 +27,7 @@ All random functions take an explicit `numpy.random.Generator` (or a seed) so tw
 same seed give bit-identical numbers.
 """
 
-# The paper's / SPEC §7 settings. The notebook and the tests read them from here so the numbers
+# The paper's settings. The notebook and the tests read them from here so the numbers
 # they print are about the same experiment.
 SPEC_SETTINGS = dict(n=3000, d=150, p=1000, s=10, sigma2=0.1, eta=0.01, rho0=0.01, k=3)
 

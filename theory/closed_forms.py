@@ -50,7 +50,7 @@ def phi(i: int, j: int, ratio: float, eta: float, rho: float) -> float:
     Marchenko–Pastur moments. This is the same quantity as the paper's triple multinomial sum
     over (k1, k2, k3); we expand the polynomial directly. Unlike the released notebook we keep
     the sign (it wrapped the result in abs()): φ(i, ·) with odd i can be genuinely negative when
-    p(λ) < 0 on part of the spectrum, and every φ the theorems use at the SPEC settings is either
+    p(λ) < 0 on part of the spectrum, and every φ the theorems use at the paper's settings is either
     an even power of p or has p > 0 on the whole spectrum, so the two agree there.
     """
     if i < 0 or j < 0:
