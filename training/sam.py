@@ -5,7 +5,7 @@ parameter groups and adds two half-steps around it. ``first_step`` climbs to θ+
 e = rho·g/‖g‖₂ (the global L2 norm over every parameter that has a gradient); ``second_step``
 returns to θ and lets the base optimizer step with the gradient that is now in ``.grad``.
 
-``mixed_step`` is one SharpBalance update on a batch (README, "What SharpBalance does, step by step", step 4): the member's *normal*
+``mixed_step`` is one SharpBalance update on a batch (README: "What SharpBalance does", step 4): the member's *normal*
 samples contribute their plain gradient at θ, its *SAM* samples their gradient at θ+e, with e taken
 from the SAM samples alone, each weighted by its share of the batch. Plain SGD and plain SAM are the
 two edge cases of the same code (an all-False and an all-True mask).

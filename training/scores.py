@@ -1,4 +1,4 @@
-"""Per-sample sharpness scores for SharpBalance's split (README, "What SharpBalance does, step by step", step 2).
+"""Per-sample sharpness scores for SharpBalance's split (README: "What SharpBalance does", step 2).
 
 s_m(x) = ‖∇_θ CE(f_θ(x), y)‖²₂ over all trainable parameters of member m, in eval mode (BatchNorm on
 running statistics, so a sample's gradient does not depend on the other samples of its batch).

@@ -1,4 +1,4 @@
-"""SharpBalance data split (README, "What SharpBalance does, step by step", step 3): per-member SAM masks from the (M, N) score matrix.
+"""SharpBalance data split (README: "What SharpBalance does", step 3): per-member SAM masks from the (M, N) score matrix.
 
 Every member j marks its K = floor(flat_ratio·N) lowest-scored samples L_j (``flattest``, released)
 or highest (``sharpest``, the paper's Figure 6). Member i trains with SAM on the samples the *other*
