@@ -8,6 +8,7 @@
 Rerunning the same command resumes every member from its last completed epoch. Several processes:
 ``torchrun --nproc_per_node=K main.py ...`` spreads the members over K ranks (round-robin).
 """
+import math
 import os
 import sys
 
@@ -17,7 +18,7 @@ from training.scores import SHARPNESS_BACKENDS
 from training.split import SELECT_CHOICES, SPLIT_RULE_CHOICES, TRAIN_SUBSET_CHOICES
 from utils.args import add_data_args, add_device_args, add_model_args, make_parser, parse_seeds, str2bool
 from utils.device import select_device
-from utils.distributed import destroy, dist_env, init_distributed
+from utils.distributed import barrier, destroy, dist_env, init_distributed
 from utils.errors import UserError, run_main
 
 
@@ -28,14 +29,15 @@ def get_parser():
     add_device_args(parser)
     add_fast_path_args(parser)
     opt = parser.add_argument_group("optimisation (released defaults)")
-    opt.add_argument("--epochs", type=int, default=200)
-    opt.add_argument("--lr", type=float, default=0.1)
+    opt.add_argument("--epochs", type=int, default=200, help="training epochs per member")
+    opt.add_argument("--lr", type=float, default=0.1, help="initial SGD learning rate")
     opt.add_argument("--lrsche", default="multistep", choices=("multistep", "cosine"),
                      help="multistep: x0.1 at epochs/2 and 3*epochs/4; cosine over all epochs")
-    opt.add_argument("--batch_size", type=int, default=128)
-    opt.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, default=500)
-    opt.add_argument("--momentum", type=float, default=0.9)
-    opt.add_argument("--weight_decay", type=float, default=5e-4)
+    opt.add_argument("--batch_size", type=int, default=128, help="training images per step")
+    opt.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, default=500,
+                     help="images per forward pass when validating and scoring")
+    opt.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, in [0, 1)")
+    opt.add_argument("--weight_decay", type=float, default=5e-4, help="SGD weight decay (L2), >= 0")
     sb = parser.add_argument_group("SAM and SharpBalance")
     sb.add_argument("--sam", type=str2bool, default=False, metavar="{True,False}", help="train with SAM")
     sb.add_argument("--rho", type=float, default=0.05, help="SAM neighbourhood radius")
@@ -60,7 +62,8 @@ def get_parser():
                      help='one member per seed: --seed 13 17 27 or --seed "13 17 27"')
     run.add_argument("--save_path", default=None, help="run directory (default: runs/<data>_<method>)")
     run.add_argument("--resume", default=None,
-                     help="run directory to resume from or evaluate (default: --save_path; rerunning resumes)")
+                     help="a run to continue in a fresh --save_path (its files are copied in after the checks), "
+                          "or, with --evaluate, the run to evaluate (default: --save_path; rerunning resumes)")
     run.add_argument("--evaluate", action="store_true", help="only evaluate the checkpoints (val and test)")
     run.add_argument("--print-freq", dest="print_freq", type=int, default=50, help="progress-bar update period (batches)")
     run.add_argument("--no_progress", action="store_true", help="no progress bars (one summary line per epoch)")
@@ -78,9 +81,12 @@ def check_args(args):
         raise UserError(f"--seed has duplicates ({' '.join(map(str, args.seeds))}); members need distinct seeds")
     if not 0 <= args.flat_ratio < 1:
         raise UserError(f"--flat_ratio must be in [0, 1), got {args.flat_ratio}")
-    if not args.rho >= 0:
-        raise UserError(f"--rho must be >= 0, got {args.rho}")
-    for flag in ("epochs", "batch_size", "eval_batch_size", "score_chunk"):
+    for flag in ("lr", "momentum", "weight_decay", "rho"):
+        if not (math.isfinite(getattr(args, flag)) and getattr(args, flag) >= 0):
+            raise UserError(f"--{flag} must be >= 0 (and finite), got {getattr(args, flag)}")
+    if args.momentum >= 1:
+        raise UserError(f"--momentum must be < 1 (SGD momentum), got {args.momentum}")
+    for flag in ("epochs", "batch_size", "eval_batch_size", "score_chunk", "width"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
     if args.flat_ratio > 0 and not args.sam:
@@ -95,21 +101,30 @@ def check_args(args):
         args.save_path = os.path.join("runs", f"{args.data}_{method_name(args)}")
 
 
+def load_splits(args, rank, world_size):
+    """Rank 0 loads first (downloading CIFAR if needed); the other ranks wait for it, then read its files."""
+    if rank != 0:
+        barrier(world_size)
+    splits = build_datasets(args.data, args.data_path, tiny_val=args.tiny_val, download=(rank == 0))
+    if rank == 0:
+        barrier(world_size)
+    return splits
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     check_args(args)
-    rank, world_size, local_rank = dist_env()
-    device = select_device(args.device, local_rank=local_rank)
+    device = select_device(args.device, local_rank=dist_env()[2])
     check_fast_path(args, device)
-    splits = build_datasets(args.data, args.data_path, tiny_val=args.tiny_val, download=(rank == 0))
-    if args.evaluate:
-        # Loading and ensemble prediction are shared with the measure scripts.
-        from measure.loading import ensemble_summary
-        return ensemble_summary(args.resume or args.save_path, args.seeds, splits, device,
-                                eval_batch_size=args.eval_batch_size)
     rank, world_size = init_distributed(device, args.device)
-    from training.trainer import run_training
     try:
+        splits = load_splits(args, rank, world_size)
+        if args.evaluate:
+            # Loading and ensemble prediction are shared with the measure scripts.
+            from measure.loading import ensemble_summary
+            return ensemble_summary(args.resume or args.save_path, args.seeds, splits, device,
+                                    eval_batch_size=args.eval_batch_size)
+        from training.trainer import run_training
         run_training(args, splits, device, rank, world_size)
     finally:
         destroy(world_size)

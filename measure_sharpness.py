@@ -1,4 +1,4 @@
-"""Sharpness of each member on fixed training batches (SPEC §5).
+"""Sharpness of each member on fixed training batches: worst case (APGD), average case, Fisher.
 
     python measure_sharpness.py --dataset cifar10 --data_path ./datasets --model resnet18 \\
         --resume runs/sharpbalance --mode APGD_worst --save results/sharpbalance
@@ -18,7 +18,7 @@ import numpy as np
 
 from measure import cli, inputs, result_files, sharpness
 from utils.args import str2bool
-from utils.errors import UserError, run_main
+from utils.errors import MEASURE_INTERRUPTED, UserError, run_main
 
 MODES = ("APGD_worst", "APGD_average", "fisher")
 PRESETS = {"release": dict(rho="0.5", norm="l2,linf", batch_num=100, eval_batch_size=5),
@@ -131,4 +131,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted=MEASURE_INTERRUPTED)

@@ -19,7 +19,6 @@ uint8 (5 * 360, 8, 8, 3), five consecutive blocks for severities 1..5, and ``lab
 ``1000 * (position of the corruption in CORRUPTIONS) + severity``.
 """
 import os
-import tempfile
 
 import numpy as np
 
@@ -34,7 +33,7 @@ N_TEST = 360
 DIGITS_MEAN = (0.3055240817347032, 0.3055240817347032, 0.3055240817347032)
 DIGITS_STD = (0.37634308572704345, 0.37634308572704345, 0.37634308572704345)
 
-# Every corruption is implemented, so digits-C has all 15, in SPEC order.
+# Every corruption is implemented, so digits-C has all 15, in CIFAR-10-C's order (data.corruptions.CORRUPTIONS).
 DIGITS_C_CORRUPTIONS = tuple(CORRUPTIONS)
 
 
@@ -67,17 +66,9 @@ def digits_c_seed(corruption, severity):
 
 def _save_atomic(path, array):
     """Write ``array`` to ``path`` as .npy through a temporary file in the same folder, then
-    os.replace, so a reader never sees a half-written file."""
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    os.replace, so a reader never sees a half-written file; with the user's umask (not mkstemp's 0600)."""
+    from utils.checkpoint import atomic_write  # imports torch: only when digits-C is generated
+    atomic_write(path, lambda handle: np.save(handle, array))
 
 
 def _is_valid(path, shape, dtype):

@@ -2,6 +2,7 @@
 
 The run is laid out as
     <save_path>/args.json                    the command's arguments (method keys checked on resume)
+    <save_path>/.lock                        while a run is using the folder (training/run_folder.py)
     <save_path>/sharpbalance_split.pt        scores (M, N) and SAM masks (M, N), written once
     <save_path>/seed_<s>/checkpoint.pth.tar  last completed epoch, everything resume needs
     <save_path>/seed_<s>/model_best.pth.tar  best validation accuracy so far
@@ -12,10 +13,11 @@ all members to the split, scoring, splitting, then training all to the end means
 waits on a barrier for another member, and one process can train the whole ensemble.
 """
 import csv
-import json
 import os
-import platform
 import random
+import signal
+import sys
+import threading
 
 import numpy as np
 import torch
@@ -27,7 +29,8 @@ from training.engine import NonFiniteLoss, evaluate, train_one_epoch
 from training.sam import SAM
 from training.scores import per_sample_sharpness
 from training.split import build_sam_masks, resolve_split_rule
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from training.run_folder import BEST_NAME, CHECKPOINT_NAME, SPLIT_NAME, open_run_folder
+from utils.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
 from utils.distributed import barrier, gather_member_rows, members_for_rank
 from utils.errors import UserError
 
@@ -56,28 +59,15 @@ def split_epoch(args):
     return None
 
 
-def check_run_directory(args, rank):
-    """Create save_path, write args.json, or compare with the one already there (resume)."""
-    if os.path.exists(args.save_path) and not os.path.isdir(args.save_path):
-        raise UserError(f"--save_path '{args.save_path}' is a file; pass a directory")
-    args_path = os.path.join(args.save_path, "args.json")
-    current = {key: getattr(args, key) for key in METHOD_KEYS}
-    if os.path.isfile(args_path):
-        with open(args_path) as f:
-            previous = json.load(f)
-        differences = [f"{key}: {previous.get(key)!r} -> {current[key]!r}" for key in METHOD_KEYS
-                       if previous.get(key) != current[key]]
-        if differences:
-            raise UserError(f"'{args.save_path}' holds a run with other method arguments ({'; '.join(differences)}); "
-                            "use another --save_path or the original arguments")
-    if rank == 0:
-        os.makedirs(args.save_path, exist_ok=True)
-        record = dict(vars(args))
-        record["versions"] = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-        tmp_path = args_path + ".tmp"
-        with open(tmp_path, "w") as f:
-            json.dump(record, f, indent=2, sort_keys=True)
-        os.replace(tmp_path, args_path)
+def run_arguments(args):
+    return {key: getattr(args, key) for key in METHOD_KEYS}
+
+
+def _test_kill_point(name):
+    """Test hook: with SHARPBALANCE_KILL_AT=<name> in the environment the process SIGKILLs itself
+    here, so tests can interrupt at an exact point (tests/test_run_folder.py). Unset: nothing."""
+    if os.environ.get("SHARPBALANCE_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Member:
@@ -109,27 +99,42 @@ class Member:
             self.scheduler = torch.optim.lr_scheduler.MultiStepLR(base, milestones=milestones, gamma=0.1)
         self.train_loader = BatchLoader(splits.train, args.batch_size, device, shuffle=True, seed=seed)
         self.val_loader = BatchLoader(splits.val, args.eval_batch_size, device)
-        self.epochs_done, self.best_acc, self.sam_mask = 0, 0.0, None
+        # best_epoch: the epoch model_best.pth.tar holds (0 = none yet); None for checkpoints from
+        # before it was recorded.
+        self.epochs_done, self.best_acc, self.best_epoch, self.sam_mask = 0, 0.0, 0, None
 
     # -------------------------------------------------------------------------------- state
     def state(self):
         return {
             "state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "epoch": self.epochs_done, "best_acc": self.best_acc,
+            "best_epoch": self.best_epoch, "run_args": run_arguments(self.args),
             "seed": self.seed, "model": self.args.model, "width": self.args.width, "dataset": self.args.data,
             "num_classes": self.model.linear.out_features, "method": method_name(self.args),
             "sam_mask": self.sam_mask, "rng_cpu": torch.get_rng_state(), **self.fast.state_dict(),
         }
 
-    def resume(self, directory):
-        path = os.path.join(directory, f"seed_{self.seed}", "checkpoint.pth.tar")
+    def resume(self):
+        """Continue from this member's checkpoint, if any (open_run_folder has checked that it
+        belongs to this command). Without one the member starts afresh (log rows of an attempt
+        that completed no epoch are dropped)."""
+        path = os.path.join(self.directory, CHECKPOINT_NAME)
         if not os.path.isfile(path):
+            self._truncate_log()
             return False
         state = load_checkpoint(path, map_location=self.device)
-        self.model.load_state_dict(state["state_dict"])
+        try:
+            self.model.load_state_dict(state["state_dict"])
+        except RuntimeError as err:  # the metadata checks missed a difference (e.g. a foreign file)
+            raise UserError(f"'{path}' does not fit this command's model: {str(err).splitlines()[0][:200]}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epochs_done, self.best_acc = int(state["epoch"]), float(state["best_acc"])
+        self.best_epoch = state.get("best_epoch")
+        if self.best_epoch and not os.path.isfile(os.path.join(self.directory, BEST_NAME)):
+            print(f"[seed {self.seed}] note: {BEST_NAME} is missing (epoch {self.best_epoch}, val acc "
+                  f"{self.best_acc:.4f}, was the best); the best is tracked afresh from the next epoch", flush=True)
+            self.best_acc, self.best_epoch = 0.0, 0
         self.sam_mask = state.get("sam_mask")
         self.fast.load_state_dict(state)
         torch.set_rng_state(state["rng_cpu"].cpu())
@@ -175,18 +180,27 @@ class Member:
             val_loss, val_acc = evaluate(self.model, self.val_loader)
             self.scheduler.step()
             self.epochs_done = epoch + 1
-            best_path = os.path.join(self.directory, "model_best.pth.tar")
+            best_path = os.path.join(self.directory, BEST_NAME)
             # The first epoch always writes a best file, even at 0% validation accuracy.
             is_best = val_acc > self.best_acc or not os.path.isfile(best_path)
-            self.best_acc = max(self.best_acc, val_acc)
+            if is_best:
+                self.best_acc, self.best_epoch = val_acc, epoch + 1
             row = dict(epoch=epoch + 1, phase=phase, lr=lr, val_loss=val_loss, val_acc=val_acc,
                        best_val_acc=self.best_acc, **stats)
             # Log first, checkpoint second: a crash in between leaves a row that resume truncates.
             self._write_log([{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}])
-            state = self.state()
-            save_checkpoint(state, os.path.join(self.directory, "checkpoint.pth.tar"))
-            if is_best:
-                save_checkpoint(state, best_path)
+            # Checkpoint first, best second (a byte copy of the checkpoint). An interruption in
+            # between leaves model_best one improving epoch behind a checkpoint that records itself
+            # as the best; the next start copies it again (run_folder.repair_best).
+            checkpoint_path = os.path.join(self.directory, CHECKPOINT_NAME)
+            try:
+                save_checkpoint(self.state(), checkpoint_path)
+                if is_best:
+                    _test_kill_point(f"before-best:{epoch + 1}")
+                    copy_checkpoint(checkpoint_path, best_path)
+            except UserError as err:
+                raise UserError(f"member seed {self.seed}, epoch {epoch + 1}: {err}; free space (or fix "
+                                "permissions) and rerun the same command to resume from the last checkpoint") from None
             print(f"[seed {self.seed}] epoch {epoch + 1:3d}/{args.epochs} {phase:7s} lr {lr:.4g} | "
                   f"train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.4f} | "
                   f"val loss {val_loss:.4f} acc {val_acc:.4f} | SAM {stats['sam_fraction']:.2f} | "
@@ -199,11 +213,9 @@ def compute_split(args, members, all_seeds, splits, device, rank, world_size):
     The split is computed once and saved; a resumed run reads it back instead of rescoring (the
     models it was computed from no longer exist once training has moved on).
     """
-    split_path = os.path.join(args.save_path, "sharpbalance_split.pt")
-    for directory in dict.fromkeys([args.resume, args.save_path]):
-        path = os.path.join(directory, "sharpbalance_split.pt") if directory else None
-        if path and os.path.isfile(path):
-            return torch.load(path, weights_only=True)["sam_masks"]
+    split_path = os.path.join(args.save_path, SPLIT_NAME)
+    if os.path.isfile(split_path):  # checked against the command by open_run_folder
+        return torch.load(split_path, weights_only=True)["sam_masks"]
     num_members, n = len(all_seeds), len(splits.train)
     if args.train_subset == "boosting":
         loader = BatchLoader(splits.train_eval, args.eval_batch_size, device)
@@ -231,15 +243,36 @@ def compute_split(args, members, all_seeds, splits, device, rank, world_size):
 
 def run_training(args, splits, device, rank=0, world_size=1):
     """Train this rank's members of the ensemble, phase by phase; returns them."""
-    check_run_directory(args, rank)
-    barrier(world_size)
+    split_at = split_epoch(args)
+    # SIGTERM (a scheduler stopping the job, torchrun tearing down its workers) becomes SystemExit,
+    # so the finally below releases the folder's lock even on another host's rerun of the job.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
+    lock = None
+    try:
+        lock = open_run_folder(args, run_arguments(args), len(splits.train), splits.info.num_classes,
+                               method_name(args), split_at, rank, world_size)
+        return _train_members(args, splits, device, rank, world_size, split_at)
+    finally:
+        if lock is not None:
+            lock.release()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum, frame):
+    print("terminated (SIGTERM): the last completed checkpoint is kept; rerun the same command to resume",
+          file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+
+def _train_members(args, splits, device, rank, world_size, split_at):
     all_seeds = args.seeds
     members = [Member(args, position, all_seeds[position], splits, device)
                for position in members_for_rank(len(all_seeds), rank, world_size)]
     for member in members:
-        if member.resume(args.resume or args.save_path):
+        if member.resume():
             print(f"[seed {member.seed}] resumed after epoch {member.epochs_done}", flush=True)
-    split_at = split_epoch(args)
     boundaries = [split_at, args.epochs] if split_at is not None else [args.epochs]
     for boundary in boundaries:
         failures = []
@@ -247,8 +280,9 @@ def run_training(args, splits, device, rank=0, world_size=1):
             try:
                 member.train_until(boundary, progress=not args.no_progress)
             except NonFiniteLoss as err:
-                failures.append(f"member seed {member.seed}: {err}; its last good checkpoint "
-                                f"(epoch {member.epochs_done}) is kept; lower --lr or --rho")
+                kept = (f"its checkpoint of epoch {member.epochs_done} is kept" if member.epochs_done else
+                        "no epoch of this member completed, so it has no checkpoint")
+                failures.append(f"member seed {member.seed}: {err}; {kept}; lower --lr or --rho")
         if failures:
             raise UserError(" | ".join(failures))
         if boundary == split_at:
