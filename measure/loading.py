@@ -99,15 +99,16 @@ def _progress(path, state):
     """(trained, planned) epochs of the member whose checkpoint ``path`` holds ``state``.
 
     trained: the epoch of the member's last checkpoint (``checkpoint.pth.tar`` beside a best file);
-    planned: the run's ``args.json`` epochs, else an ``epochs`` entry of the checkpoint."""
+    planned: the run's ``args.json`` epochs, else the run arguments main.py stores in the checkpoint."""
     folder = os.path.dirname(os.path.abspath(path))
     trained = state.get("epoch")
     last = os.path.join(folder, CHECKPOINT_FILES["last"])
     if os.path.basename(path) == CHECKPOINT_FILES["best"] and os.path.isfile(last):
         trained = load_checkpoint(last, mmap=True).get("epoch", trained)
     planned = run_plan(os.path.dirname(folder))[1] if _seed_of(folder) is not None else None
-    if planned is None and isinstance(state.get("epochs"), int):
-        planned = state["epochs"]
+    run_args = state.get("run_args") if isinstance(state.get("run_args"), dict) else {}
+    if planned is None and isinstance(run_args.get("epochs"), int):
+        planned = run_args["epochs"]
     return (int(trained) if trained is not None else None), planned
 
 

@@ -486,3 +486,13 @@ def test_member_stopped_early_is_refused_unless_allowed(cifar, tmp_path, capsys)
     _set_epoch(os.path.join(run, "seed_17", "checkpoint.pth.tar"), 6)
     measure_diversity.main(argv)
     assert _load(str(tmp_path / "out" / "predict.json"))["meta"]["incomplete_ensemble"] == []
+    # A checkpoint file passed on its own: main.py records the run's arguments in it.
+    loose = str(tmp_path / "loose.pth.tar")
+    state = torch.load(os.path.join(run, "seed_17", "checkpoint.pth.tar"), weights_only=True)
+    state.update(epoch=2, run_args={"epochs": 6})
+    save_checkpoint(state, loose)
+    files = argv[:5] + [os.path.join(run, "seed_13"), loose] + argv[6:]
+    assert files[4:7] == ["--resume", os.path.join(run, "seed_13"), loose]
+    capsys.readouterr()
+    line = _error_line(capsys, measure_diversity.main, files)
+    assert f"incomplete ensemble: seed 17 stopped after epoch 2 of 6 ({tmp_path})" in line
