@@ -31,7 +31,7 @@ HEADLINE = {"predict": ("ensemble_accuracy", "average_individual_accuracy"),
 
 
 def get_parser():
-    parser, group = cli.build_parser(__doc__, tuple(MODES), "predict,disagreement", 200)
+    parser, group = cli.build_parser(__doc__, tuple(MODES), "predict,disagreement", 200, fast_path=True)
     inputs.add_corruption_args(group)
     group.add_argument("--logits_dir", default=None,
                        help="also keep every member's logits here as .npy and reuse them on later runs")

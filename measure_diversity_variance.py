@@ -21,7 +21,7 @@ MODES = ("variance_mse_c", "variance_mse")
 
 
 def get_parser():
-    parser, group = cli.build_parser(__doc__, MODES, "variance_mse_c", 200)
+    parser, group = cli.build_parser(__doc__, MODES, "variance_mse_c", 200, fast_path=True)
     inputs.add_corruption_args(group)
     return parser
 

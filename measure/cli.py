@@ -6,6 +6,7 @@ import torch
 
 from measure.loading import CHECKPOINT_FILES, load_members
 from measure.result_files import check_output_folder
+from training.accel import FastPath, add_fast_path_args, check_fast_path
 from utils.args import add_data_args, add_device_args, add_model_args, make_parser
 from utils.device import select_device
 from utils.errors import UserError
@@ -16,12 +17,16 @@ SPLITS_INTERRUPTED = ("interrupted: the splits measured so far are kept in <save
                       "rerun the same command to continue from them")
 
 
-def build_parser(description, modes, default_mode, eval_batch_size, eval_batch_help="images per forward pass"):
-    """Parser with the shared groups (data, model, device) and the measurement flags."""
+def build_parser(description, modes, default_mode, eval_batch_size, eval_batch_help="images per forward pass",
+                 fast_path=False):
+    """Parser with the shared groups (data, model, device) and the measurement flags; ``fast_path``
+    adds --amp/--channels_last/--compile (for scripts that only run forward passes)."""
     parser = make_parser(description)
     add_data_args(parser, flag="--dataset")
     add_model_args(parser)
     add_device_args(parser)
+    if fast_path:
+        add_fast_path_args(parser)
     # None = "not given": the checkpoint's own metadata decides, --model/--width only fill gaps.
     parser.set_defaults(model=None, width=None)
     group = parser.add_argument_group("measurement")
@@ -65,7 +70,11 @@ def open_run(args, min_members=1):
         if getattr(args, flag, None):
             check_output_folder(getattr(args, flag), f"--{flag}")
     device = select_device(args.device)
+    check_fast_path(args, device)
     members, spec = load_members(args, device, min_members=min_members)
+    fast = FastPath.from_args(args, device)  # nothing unless the script offers the flags and they are given
+    for member in members:
+        fast.prepare(member.model)
     print(f"{len(members)} member(s): {spec['model']} width {spec['width']}, {spec['num_classes']} classes, "
           f"on {device}", flush=True)
     return device, members, spec

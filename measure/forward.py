@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from measure.result_files import atomic_write
+from training.accel import amp_tag
 
 
 def member_forward(models, dataset, batch_size, device, desc=None):
@@ -42,12 +43,13 @@ class LogitCache:
         self.directory = directory
         self.store = {}
         self.passes = 0
-        self._ids = [self._member_id(m.path) for m in members]
+        self._ids = [self._member_id(m.path, amp_tag(m.model)) for m in members]
 
     @staticmethod
-    def _member_id(path):
-        """Changes when the checkpoint file is rewritten, so stale saved logits are never reused."""
-        text = os.path.abspath(path)
+    def _member_id(path, precision=""):
+        """Changes when the checkpoint file is rewritten, so stale saved logits are never reused,
+        and with the autocast precision (--amp), so bf16 logits never stand in for fp32 ones."""
+        text = os.path.abspath(path) + (f"|{precision}" if precision else "")
         if os.path.isfile(path):
             stat = os.stat(path)
             text += f"|{stat.st_size}|{stat.st_mtime_ns}"

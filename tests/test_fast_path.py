@@ -38,8 +38,13 @@ OPTIONS = {"bf16": ("bf16", False, False), "fp16": ("fp16", False, False), "chan
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    return build_datasets("digits", str(tmp_path_factory.mktemp("digits")))
+def digits_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="module")
+def digits(digits_root):
+    return build_datasets("digits", digits_root)
 
 
 def train_steps(splits, amp="off", channels_last=False, compile=False):
@@ -228,17 +233,36 @@ def test_scores_ignore_the_fast_path(digits):
 
 # ------------------------------------------------------------------------------- main.py, bad input
 
-def digits_command(tmp_path, *extra):
-    return ["--data", "digits", "--data_path", str(tmp_path / "ds"), "--epochs", "1", "--seed", "13", "--width", "4",
+def digits_command(tmp_path, root, *extra):
+    return ["--data", "digits", "--data_path", root, "--epochs", "1", "--seed", "13", "--width", "4",
             "--device", "cpu", "--no_progress", "--batch_size", "256", "--save_path", str(tmp_path / "run"), *extra]
 
 
-def test_flags_are_recorded_and_a_resume_must_use_them(tmp_path):
-    main_script.main(digits_command(tmp_path, "--amp", "bf16", "--channels_last"))
+def test_flags_are_recorded_and_a_resume_must_use_them(tmp_path, digits_root, digits):
+    main_script.main(digits_command(tmp_path, digits_root, "--amp", "bf16", "--channels_last"))
     recorded = json.loads((tmp_path / "run" / "args.json").read_text())
     assert (recorded["amp"], recorded["channels_last"], recorded["compile"]) == ("bf16", True, False)
     with pytest.raises(UserError, match=r"amp: 'bf16' -> 'off'.*channels_last: True -> False"):
-        main_script.main(digits_command(tmp_path))
+        main_script.main(digits_command(tmp_path, digits_root))
+
+    # The forward-only measure scripts take the same flags (measure_sharpness, which needs exact
+    # gradients, does not); their members come out of open_run prepared.
+    import measure_diversity
+    import measure_sharpness
+    from measure import cli
+    from measure.forward import split_logits
+    assert "--amp" not in measure_sharpness.get_parser().format_help()
+    logits = {}
+    for extra in ([], ["--amp", "bf16", "--channels_last"]):
+        args = measure_diversity.get_parser().parse_args(
+            ["--dataset", "digits", "--data_path", digits_root, "--resume", str(tmp_path / "run"),
+             "--device", "cpu", "--save", str(tmp_path / "measure"), *extra])
+        _, members, _ = cli.open_run(args)
+        model = members[0].model
+        assert ("forward" in model.__dict__) == bool(extra)
+        assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last) == bool(extra)
+        logits[bool(extra)] = split_logits([model], digits.test, 128, "cpu")
+    np.testing.assert_allclose(logits[True], logits[False], rtol=0, atol=4 * 2 ** -8 * np.abs(logits[False]).max())
 
 
 @pytest.mark.parametrize("extra, patch, message", [
@@ -248,6 +272,7 @@ def test_flags_are_recorded_and_a_resume_must_use_them(tmp_path):
     (["--device", "cuda", "--amp", "bf16"], "old_gpu", r"--amp bf16: .* has no bfloat16 support"),
 ])
 def test_bad_fast_path_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, extra, patch, message):
+    root = str(tmp_path / "ds")  # never read: the command stops before loading data
     if patch == "no_compile":
         monkeypatch.delattr(torch, "compile")
     if patch in ("one_gpu", "old_gpu"):
@@ -256,7 +281,7 @@ def test_bad_fast_path_input_is_one_line_and_writes_nothing(tmp_path, monkeypatc
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Old GPU")
     with pytest.raises(UserError, match=message):
-        main_script.main(digits_command(tmp_path, *extra))
+        main_script.main(digits_command(tmp_path, root, *extra))
     assert not (tmp_path / "run").exists()
 
 
