@@ -42,24 +42,28 @@ def measure(args, modes, members, device, corruptions, partials):
     """Run every split once through every member; return {mode: (clean reports, cell list)}.
 
     A split already in every mode's partial file (same data files) is not run again; every fresh
-    report is added to its mode's partial file at once."""
+    report goes to its mode's partial file."""
     cache = forward.LogitCache(members, device, args.eval_batch_size, args.logits_dir)
     clean = {mode: {} for mode in modes}
     cells = {mode: [] for mode in modes}
     splits = itertools.chain(inputs.clean_splits(args), inputs.corrupted_splits(args, corruptions))
-    for split in tqdm(splits, total=2 + 5 * len(corruptions), desc="splits"):
-        sources = inputs.source_stats(split)
-        reports = {mode: partials[mode].get(split.key, sources) for mode in modes}
-        for mode in [m for m in modes if reports[m] is None]:
-            logits, labels = cache.get(split)
-            reports[mode] = MODES[mode][0](logits, labels)
-            partials[mode].add(split.key, sources, reports[mode])
-        for mode in modes:
-            if split.kind == "cell":
-                cells[mode].append((split.corruption, split.severity, reports[mode]))
-            else:
-                clean[mode][split.key] = reports[mode]
-        cache.drop(split.key)
+    try:
+        for split in tqdm(splits, total=2 + 5 * len(corruptions), desc="splits"):
+            sources = inputs.source_stats(split)
+            reports = {mode: partials[mode].get(split.key, sources) for mode in modes}
+            for mode in [m for m in modes if reports[m] is None]:
+                logits, labels = cache.get(split)
+                reports[mode] = MODES[mode][0](logits, labels)
+                partials[mode].add(split.key, sources, reports[mode])
+            for mode in modes:
+                if split.kind == "cell":
+                    cells[mode].append((split.corruption, split.severity, reports[mode]))
+                else:
+                    clean[mode][split.key] = reports[mode]
+            cache.drop(split.key)
+    finally:  # also on Ctrl-C or an error: every finished split goes to disk
+        for partial in partials.values():
+            partial.flush()
     return {mode: (clean[mode], cells[mode]) for mode in modes}
 
 

@@ -31,17 +31,21 @@ def stream_variance(splits, members, device, batch_size, partial, total=None):
     split's sums go to ``partial`` when it is done, and a split found there is not run again."""
     models = [m.model for m in members]
     accumulator = metrics.VarianceAccumulator()
-    for split in tqdm(splits, total=total, desc="splits"):
-        sources = inputs.source_stats(split)
-        done = partial.get(split.key, sources)
-        if done is not None:
-            if done["count"]:  # an empty split adds no key, as update() would not
-                accumulator.totals[split.key], accumulator.counts[split.key] = done["total"], done["count"]
-            continue
-        for logits, _ in forward.member_forward(models, split.dataset, batch_size, device, desc=f"variance {split.key}"):
-            accumulator.update(split.key, logits.double().cpu().numpy())
-        partial.add(split.key, sources, {"total": accumulator.totals.get(split.key, 0.0),
-                                         "count": accumulator.counts.get(split.key, 0)})
+    try:
+        for split in tqdm(splits, total=total, desc="splits"):
+            sources = inputs.source_stats(split)
+            done = partial.get(split.key, sources)
+            if done is not None:
+                if done["count"]:  # an empty split adds no key, as update() would not
+                    accumulator.totals[split.key], accumulator.counts[split.key] = done["total"], done["count"]
+                continue
+            for logits, _ in forward.member_forward(models, split.dataset, batch_size, device,
+                                                    desc=f"variance {split.key}"):
+                accumulator.update(split.key, logits.double().cpu().numpy())
+            partial.add(split.key, sources, {"total": accumulator.totals.get(split.key, 0.0),
+                                             "count": accumulator.counts.get(split.key, 0)})
+    finally:  # also on Ctrl-C or an error: every finished split goes to disk
+        partial.flush()
     return accumulator
 
 

@@ -16,6 +16,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -120,19 +121,24 @@ def measurement_key(args, members, mode):
 
 
 class PartialResults:
-    """``<save>/<name>.partial.json``: the results of every finished split, rewritten atomically
-    after each one (``complete: false`` and the list of finished splits), removed once the complete
+    """``<save>/<name>.partial.json``: the results of every finished split, rewritten atomically as
+    they finish (``complete: false`` and the list of finished splits), removed once the complete
     ``<name>.json`` is written.
 
     A rerun with the same ``key`` (``measurement_key``) reuses a finished split when the files it
     was read from still have the same size and modification time (``sources``); anything else is
     measured again. ``<name>.json`` itself is never partial, so "the JSON exists" means "complete"
     for the report and for scripts/figure7.sh.
+
+    Writes are at most one per ``min_interval`` seconds (tiny splits finish many per second), and
+    the scripts ``flush()`` in a ``finally``, so an exception or Ctrl-C keeps every finished split
+    and only a hard kill can lose the last ``min_interval`` seconds.
     """
 
-    def __init__(self, save_dir, name, key, meta=None):
+    def __init__(self, save_dir, name, key, meta=None, min_interval=2.0):
         self.path = os.path.join(save_dir, f"{name}.partial.json")
         self.key, self.meta, self.splits = _json_safe(key), _json_safe(meta or {}), {}
+        self.min_interval, self.written_at, self.dirty = min_interval, time.monotonic(), False
         if not os.path.isfile(self.path):
             return
         try:
@@ -156,13 +162,23 @@ class PartialResults:
 
     def add(self, split_key, sources, result):
         self.splits[split_key] = {"sources": _json_safe(sources), "result": _json_safe(result)}
+        self.dirty = True
+        if time.monotonic() - self.written_at >= self.min_interval:
+            self.flush()
+
+    def flush(self):
+        """Write what is not on disk yet (atomically)."""
+        if not self.dirty:
+            return
         payload = {"complete": False, "finished_splits": list(self.splits), "meta": self.meta, "key": self.key,
                    "splits": self.splits}
         text = json.dumps(payload, indent=1, allow_nan=False)
         atomic_write(self.path, lambda f: f.write(text + "\n"))
+        self.written_at, self.dirty = time.monotonic(), False
 
     def finish(self):
         """The complete result is written: the partial file has served its purpose."""
+        self.dirty = False
         if os.path.exists(self.path):
             os.remove(self.path)
 
