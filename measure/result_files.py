@@ -110,14 +110,16 @@ def _nan_from_null(value):
 
 def measurement_key(args, members, mode):
     """What a finished split's numbers depend on besides its data: the checkpoints (path, size,
-    modification time), the dataset and how it is read, the batch size and the mode."""
+    modification time), the dataset and how it is read, the batch size, the precision (--amp,
+    --channels_last where the script offers them) and the mode."""
     checkpoints = []
     for member in members:
         stat = os.stat(member.path)
         checkpoints.append([os.path.abspath(member.path), stat.st_size, stat.st_mtime_ns])
     return {"mode": mode, "dataset": args.dataset, "data_path": os.path.abspath(args.data_path),
             "corrupt_path": os.path.abspath(args.corrupt_path) if args.corrupt_path else None,
-            "tiny_val": args.tiny_val, "eval_batch_size": args.eval_batch_size, "checkpoints": checkpoints}
+            "tiny_val": args.tiny_val, "eval_batch_size": args.eval_batch_size, "checkpoints": checkpoints,
+            "amp": getattr(args, "amp", None), "channels_last": getattr(args, "channels_last", None)}
 
 
 class PartialResults:
