@@ -2,7 +2,9 @@
 # Run one measure_*.py script on one trained ensemble: scripts/measure/_measure.sh SCRIPT DEFAULT_MODES [flags...]
 # Called by scripts/measure/measure_*.sh, which document the environment variables. Each mode writes
 # <SAVE>/<mode>.json and .csv; the step is skipped when every mode's JSON exists and is newer than the
-# run's checkpoints (FORCE=1 measures again).
+# run's checkpoints (FORCE=1 measures again). An interrupted measurement left <SAVE>/<mode>.partial.json:
+# running the step again continues from its finished splits. An incomplete ensemble (a missing seed_<s>/
+# or a member short of its planned epochs) is refused; EXTRA=--allow_incomplete measures it anyway.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../train/_common.sh"
 
