@@ -104,7 +104,14 @@ def _progress(path, state):
     trained = state.get("epoch")
     last = os.path.join(folder, CHECKPOINT_FILES["last"])
     if os.path.basename(path) == CHECKPOINT_FILES["best"] and os.path.isfile(last):
-        trained = load_checkpoint(last, mmap=True).get("epoch", trained)
+        last_state = load_checkpoint(last, mmap=True)
+        trained = last_state.get("epoch", trained)
+        # main.py records the best epoch in the checkpoint and writes it before model_best: a kill in
+        # between leaves model_best behind until the training command runs again (it repairs it).
+        if last_state.get("best_epoch") not in (None, 0, state.get("epoch")):
+            raise UserError(f"'{path}' holds epoch {state.get('epoch')}, but '{last}' records epoch "
+                            f"{last_state['best_epoch']} as the best (training was interrupted between the two "
+                            "writes); rerun the training command once: it repairs model_best")
     planned = run_plan(os.path.dirname(folder))[1] if _seed_of(folder) is not None else None
     run_args = state.get("run_args") if isinstance(state.get("run_args"), dict) else {}
     if planned is None and isinstance(run_args.get("epochs"), int):

@@ -129,6 +129,10 @@ def test_sigkill_between_checkpoint_and_best_is_repaired(tmp_path):
     lock = json.loads((save / ".lock").read_text())
     assert lock["pid"] != os.getpid() and lock["host"] == socket.gethostname()
     (save / "seed_13" / ".tmp_abc.pth.tar").write_bytes(b"half a checkpoint")  # as a kill mid-write leaves
+    # Until the training command runs again, the measure scripts refuse the stale model_best.
+    from measure.loading import load_member_files
+    with pytest.raises(UserError, match="records epoch 2 as the best .*interrupted between the two writes"):
+        load_member_files([str(save / "seed_13" / "model_best.pth.tar")], "digits", torch.device("cpu"))
 
     main_script.main(argv)  # the same command: stale lock and leftovers removed, model_best repaired
     last, best = meta(save / "seed_13" / "checkpoint.pth.tar"), meta(save / "seed_13" / "model_best.pth.tar")
@@ -137,6 +141,7 @@ def test_sigkill_between_checkpoint_and_best_is_repaired(tmp_path):
     assert not (save / ".lock").exists() and not list(save.glob("**/.tmp_*"))
     rows = (save / "seed_13" / "log.csv").read_text().strip().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+    load_member_files([str(save / "seed_13" / "model_best.pth.tar")], "digits", torch.device("cpu"))
 
 
 def test_full_disk_keeps_the_previous_files_and_resumes(tmp_path, monkeypatch):
