@@ -29,7 +29,8 @@ default_initial_epochs() {
     echo "$ie"
 }
 
-# run_finished RUN_DIR EPOCHS SEED... : true when every member's checkpoint.pth.tar has epoch == EPOCHS.
+# run_finished RUN_DIR EPOCHS SEED... : true when every member's checkpoint.pth.tar has epoch == EPOCHS
+# and its model_best.pth.tar holds the best epoch the checkpoint records.
 run_finished() {
     local run="$1" epochs="$2"
     shift 2
@@ -48,6 +49,12 @@ for seed in seeds:
     except Exception:  # unreadable = not finished; main.py will say why
         sys.exit(1)
     if int(state.get("epoch", -1)) != epochs:
+        sys.exit(1)
+    # A kill between main.py's two writes leaves model_best behind the best epoch the checkpoint
+    # records: not finished, so main.py runs once more and repairs it (without training).
+    best = os.path.join(run, f"seed_{seed}", "model_best.pth.tar")
+    if state.get("best_epoch") and (not os.path.isfile(best) or torch.load(
+            best, map_location="cpu", weights_only=True, mmap=True).get("epoch") != state["best_epoch"]):
         sys.exit(1)
 sys.exit(0)
 PYEOF
