@@ -7,6 +7,13 @@ DATASET_CHOICES = ("cifar10", "cifar100", "tiny_imgnet", "digits")
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show defaults in --help and keep the description's line breaks."""
 
+    def _get_help_string(self, action):
+        # A required flag, or one whose help already says what its None default means, needs no
+        # "(default: None)".
+        if action.default is None and (action.required or "default" in (action.help or "")):
+            return action.help
+        return super()._get_help_string(action)
+
 
 def str2bool(value):
     """Parse the release's string booleans (``--sam True``) and the usual spellings."""
@@ -47,8 +54,10 @@ def add_data_args(parser, flag="--data"):
 
 def add_model_args(parser):
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="resnet18", help="architecture: resnet18 or wrn-40-2")
-    group.add_argument("--width", type=int, default=64, help="ResNet18 base width (64 = the paper's)")
+    group.add_argument("--model", default="resnet18",
+                       help="architecture: resnet18 or wrn-40-2 (measure scripts default to the checkpoint's)")
+    group.add_argument("--width", type=int, default=64,
+                       help="ResNet18 base width, 64 = the paper's (measure scripts default to the checkpoint's)")
     return group
 
 
