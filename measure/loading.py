@@ -71,7 +71,10 @@ def _strip_prefix(state_dict):
 def build_model(path, state, spec, dataset):
     """The model described by ``spec`` with the checkpoint's weights; a mismatch is a UserError."""
     from models import create_model
-    model = create_model(spec["model"], spec["num_classes"], width=spec["width"], dataset=dataset)
+    from models.resnet_tiny import has_shortcut_scales
+    # Tiny-ImageNet ResNet18 with or without the released shortcut scales: the weights say which.
+    model = create_model(spec["model"], spec["num_classes"], width=spec["width"], dataset=dataset,
+                         shortcut_scale=has_shortcut_scales(state["state_dict"]))
     try:
         model.load_state_dict(_strip_prefix(state["state_dict"]))
     except RuntimeError as err:

@@ -7,17 +7,19 @@ from utils.errors import UserError
 MODEL_NAMES = ("resnet18", "wrn-40-2")
 
 
-def create_model(name, num_classes, width=64, dataset=None):
+def create_model(name, num_classes, width=64, dataset=None, shortcut_scale=True):
     """Build ``name`` for ``num_classes`` classes.
 
     ``resnet18`` picks the Tiny-ImageNet variant when ``dataset == 'tiny_imgnet'`` and the CIFAR
     variant otherwise; ``width`` is the first stage's channel count (64 in the paper).
+    ``shortcut_scale`` (Tiny-ImageNet only) keeps the released per-channel scales on the identity
+    shortcuts; the other models have none and ignore it.
     """
     if name == "resnet18":
         if width < 1:
             raise UserError(f"--width must be a positive integer, got {width}")
         if dataset == "tiny_imgnet":
-            return resnet18_tiny(num_classes=num_classes, width=width)
+            return resnet18_tiny(num_classes=num_classes, width=width, shortcut_scale=shortcut_scale)
         return resnet18_cifar(num_classes=num_classes, width=width)
     if name == "wrn-40-2":
         return WideResNet(depth=40, widen_factor=2, num_classes=num_classes)

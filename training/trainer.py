@@ -37,7 +37,8 @@ from utils.errors import UserError
 # Arguments that define what is trained: a resumed run must agree on all of them.
 METHOD_KEYS = ("data", "model", "width", "seeds", "epochs", "lr", "lrsche", "batch_size", "momentum",
                "weight_decay", "sam", "rho", "flat_ratio", "initial_epochs", "train_subset", "select",
-               "split_rule", "freeze_bn_on_perturbed", "tiny_val", "amp", "channels_last", "compile")
+               "split_rule", "freeze_bn_on_perturbed", "tiny_val", "amp", "channels_last", "compile",
+               "shortcut_scale")
 LOG_FIELDS = ("epoch", "phase", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc",
               "sam_fraction", "epoch_seconds", "samples_per_second")
 
@@ -82,7 +83,8 @@ class Member:
         torch.manual_seed(seed)
         np.random.seed(seed)
         random.seed(seed)
-        self.model = create_model(args.model, splits.info.num_classes, width=args.width, dataset=args.data).to(device)
+        self.model = create_model(args.model, splits.info.num_classes, width=args.width, dataset=args.data,
+                                  shortcut_scale=args.shortcut_scale).to(device)
         self.fast = FastPath.from_args(args, device)  # --amp / --channels_last / --compile (off: unchanged)
         self.fast.prepare(self.model)
         sgd = dict(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
@@ -110,6 +112,7 @@ class Member:
             "scheduler": self.scheduler.state_dict(), "epoch": self.epochs_done, "best_acc": self.best_acc,
             "best_epoch": self.best_epoch, "run_args": run_arguments(self.args),
             "seed": self.seed, "model": self.args.model, "width": self.args.width, "dataset": self.args.data,
+            "shortcut_scale": self.args.shortcut_scale,
             "num_classes": self.model.linear.out_features, "method": method_name(self.args),
             "sam_mask": self.sam_mask, "rng_cpu": torch.get_rng_state(), **self.fast.state_dict(),
         }

@@ -58,6 +58,9 @@ def add_model_args(parser):
                        help="architecture: resnet18 or wrn-40-2 (measure scripts default to the checkpoint's)")
     group.add_argument("--width", type=int, default=64,
                        help="ResNet18 base width, 64 = the paper's (measure scripts default to the checkpoint's)")
+    group.add_argument("--shortcut_scale", type=str2bool, default=True, metavar="{True,False}",
+                       help="Tiny-ImageNet ResNet18: a learnable per-channel scale on each identity shortcut, "
+                            "as in the released model (measure scripts read it from the checkpoint)")
     return group
 
 
