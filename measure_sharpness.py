@@ -11,8 +11,10 @@ Modes (comma-separated):
   fisher        mean per-sample squared gradient norm (trace of the empirical Fisher)
 Released defaults: rho 0.5, adaptive, l2 and linf, 100 batches of 5 training images (no
 augmentation, model in eval mode) in the order of a DataLoader shuffled after torch.manual_seed(13),
-the same batches for every model. --preset tml: adaptive linf, rho 0.001,0.002,0.004,0.008, 8 batches
-of 128 (flags given explicitly still win). Output: <save>/<mode>.json and .csv, keys <norm>_<rho>.
+the same batches for every model; on a step halving APGD takes its next gradient at the worst point
+but keeps its current delta (--apgd_restart release; worst = return to the worst point). --preset
+tml: adaptive linf, rho 0.001,0.002,0.004,0.008, 8 batches of 128 (flags given explicitly still win).
+Output: <save>/<mode>.json and .csv, keys <norm>_<rho>.
 """
 import numpy as np
 
@@ -37,6 +39,10 @@ def get_parser():
     group.add_argument("--adaptive", type=str2bool, default=True, metavar="{True,False}",
                        help="scale the set by |w| elementwise (zero weights stay unperturbed)")
     group.add_argument("--n_iters", type=int, default=20, help="APGD iterations per batch")
+    group.add_argument("--apgd_restart", default="release", choices=sharpness.APGD_RESTARTS,
+                       help="when APGD halves its step: release = the next gradient is taken at the worst "
+                            "point and added to the current delta (the released code); worst = delta and "
+                            "its momentum partner return to the worst point")
     group.add_argument("--avg_draws", type=int, default=100, help="random draws per batch for APGD_average")
     group.add_argument("--batch-num", "--batch_num", dest="batch_num", type=int, default=None,
                        help="number of batches (None = the preset's)")
@@ -80,7 +86,8 @@ def measure_member(mode, model, batches, args, rhos, norms):
     if args.logit_norm:
         model = sharpness.LogitNormalization(model)
     if mode == "APGD_worst":
-        return sharpness.worst_case_sharpness(model, batches, rhos, norms, args.adaptive, args.n_iters)
+        return sharpness.worst_case_sharpness(model, batches, rhos, norms, args.adaptive, args.n_iters,
+                                              restart=args.apgd_restart)
     if mode == "APGD_average":
         return sharpness.average_case_sharpness(model, batches, rhos, norms, args.adaptive, args.avg_draws,
                                                 seed=args.seed)
@@ -107,7 +114,8 @@ def main(argv=None):
     batches, indices = fixed_batches(args, device)
     meta = result_files.run_metadata(
         args, __file__, members, spec, device, preset=args.preset, rho=rhos, norms=norms,
-        adaptive=args.adaptive, n_iters=args.n_iters, avg_draws=args.avg_draws, batch_num=len(batches),
+        adaptive=args.adaptive, n_iters=args.n_iters, apgd_restart=args.apgd_restart, avg_draws=args.avg_draws,
+        batch_num=len(batches),
         batch_size=args.eval_batch_size, batch_seed=args.seed, logit_norm=args.logit_norm,
         split="train (no augmentation, eval mode)", sample_indices=indices,
         apgd_checkpoints=sharpness.apgd_checkpoints(args.n_iters))

@@ -12,9 +12,18 @@ Non-adaptive sets use s = 1.
 The worst-case search is the APGD scheme of Andriushchenko et al. (2023) as released with SharpBalance:
 step 2·rho, ascent along g/‖g‖₂·s (l2) or sign(g)·s (linf), Euclidean projection onto the set,
 momentum delta ← 0.75·P(...) + 0.25·delta_prev (a convex combination of two feasible points, so the
-iterate stays feasible), and at the checkpoints of ``apgd_checkpoints`` the step is halved and the
-search returns to the worst point found when fewer than 75% of the steps since the last checkpoint
-improved the loss, or when neither the step nor the worst loss changed since then.
+iterate stays feasible), and at the checkpoints of ``apgd_checkpoints`` the step is halved when fewer
+than 75% of the steps since the last checkpoint improved the loss, or when neither the step nor the
+worst loss changed since then. What a halving does besides is ``restart``:
+- ``release`` (default, the published numbers): the release loads the worst weights into the model
+  but keeps its perturbation variables, so the next gradient is taken at the worst point and added
+  to the *current* delta, whose momentum partner is still the previous iterate;
+- ``worst``: delta and its momentum partner both return to the worst point.
+
+Nothing inside a search is read back to the host: losses, the worst point and the halving rule are
+device tensors applied with ``torch.where``, the ellipsoid projection takes a fixed number of
+steps, and each batch's results are copied to the host once, at its end. On a GPU the host can
+then queue a whole batch of iterations without waiting for one.
 """
 import math
 
@@ -71,13 +80,13 @@ class FlatModel:
         torch.nn.utils.vector_to_parameters(self.w0.clone(), self.params)
 
     def loss_err(self, x, y, delta=None):
+        """Mean cross-entropy and error rate at w0 + delta, as 0-dim tensors on the model's device
+        (read back by the caller once per batch, not here)."""
         if delta is not None:
             self.set(delta)
         with torch.no_grad():
             out = self.model(x)
-            loss = F.cross_entropy(out, y).item()
-            err = (out.argmax(dim=1) != y).float().mean().item()
-        return loss, err
+            return F.cross_entropy(out, y), (out.argmax(dim=1) != y).to(out.dtype).mean()
 
     def grad(self, x, y, delta):
         self.set(delta)
@@ -93,27 +102,129 @@ def weight_scale(w0, adaptive):
 
 def weighted_norm(delta, scale):
     """‖delta / scale‖₂ over entries with scale > 0 (entries with scale = 0 are excluded)."""
-    mask = scale > 0
-    return torch.sqrt(((delta[mask] / scale[mask]) ** 2).sum())
+    inside = scale > 0
+    return torch.where(inside, delta / torch.where(inside, scale, 1), 0).norm()
 
 
-def project_l2_ellipsoid(v, scale, rho, tol=1e-6, max_iter=200):
-    """Euclidean projection of v onto {d : Σ (d/scale)² ≤ rho², d = 0 where scale = 0}.
+def _float64(t):
+    """``t`` in float64, as the host arithmetic of the earlier code (Python floats) had it; MPS has
+    no float64 and keeps its dtype."""
+    return t if t.device.type == "mps" else t.double()
 
-    KKT: d = v·s²/(s² + 2λ) with λ ≥ 0 chosen so the constraint is tight; the weighted norm is
-    decreasing in λ, so λ is found by bisection. The returned point is always feasible (the upper end
-    of the bracket is used), within ``tol`` (relative) of the boundary.
+
+# ----------------------------------------------------------------------------- projections
+class EllipsoidProjection:
+    """Euclidean projection onto E = {d : Σ (d/s)² ≤ rho², d = 0 where s = 0} for a fixed scale s,
+    in a fixed number of steps that read nothing back to the host.
+
+    KKT: P(v) = v·a/(a + μ) with a = s² and μ ≥ 0 (twice the Lagrange multiplier) the root of
+    r(μ) = rho, where r(μ)² = Σ g²/(a + μ)² and g = v·s; r falls from ‖v/s‖ at μ = 0 towards 0.
+
+    Search. Start at the exact root for equal a's, μ₀ = ā(‖v/s‖/rho − 1) with ā = Σv²/Σ(v/s)².
+    Each step evaluates r², its slope and its curvature at μ (three passes over the vector, three
+    dot products) and moves to the root of the model r² ≈ c·(b + μ)^(−k) that matches all three
+    (exact when the a's with weight are all equal, k = 2; Cauchy–Schwarz keeps 0 < k ≤ 2), clamped
+    to the bracket of (3) below. On the release's ResNet18 sharpness problems four evaluations reach
+    the float32 floor; the test suite checks the result against a float64 solution.
+
+    Certificate. Three facts about ψ = 1/r for μ ≥ 0:
+      (1) ψ(μ) = (Σ g² (a + μ)⁻²)^(−1/2) is a power mean of exponent −2 of the a_i + μ: concave and
+          increasing, so a Newton step on ψ = 1/rho from *any* point lands at or below the root μ*;
+      (2) a power mean is 1-homogeneous, hence superadditive: ψ(μ + t) ≥ ψ(μ) + t/‖g‖; from a point
+          with r > rho, μ + (1/rho − ψ(μ))·‖g‖ is at or above μ*;
+      (3) ‖g‖/(a_max + μ) ≤ r(μ) ≤ ‖g‖/(a_min + μ), so μ* lies in [‖g‖/rho − a_max, ‖g‖/rho − a_min].
+    From the last point they give lo ≤ μ* ≤ hi. The answer is P at μ = hi: feasible, and each
+    coordinate has the sign of the exact projection and between (1 − gap) and 1 times its size, with
+    ``gap = (hi − lo)/(a_min + hi)``, because (a + μ*)/(a + hi) ≥ 1 − (hi − lo)/(a + hi). The gap is
+    returned (a device tensor), so a caller can report the tolerance it actually reached. (Float32
+    sums carry their own rounding, about 1e-6 relative at a few hundred thousand weights.)
     """
+
+    def __init__(self, scale, steps=4):
+        on = scale > 0
+        self.scale = scale
+        self.inv_scale = torch.where(on, 1 / torch.where(on, scale, 1), 0)
+        self.a = torch.where(on, scale * scale, 1)             # denominators; g = 0 off the set anyway
+        self.a0 = scale * scale                                # numerators: 0 off the set, a on it
+        self.a_min = torch.where(on, self.a, math.inf).amin()
+        self.a_max = torch.where(on, self.a, 0).amax()
+        self.steps = steps
+        # Work vectors, reused: a fresh tensor of this size per pass costs as much as the pass
+        # itself on a CPU (the memory comes back from the system zeroed).
+        self._u, self._g, self._x, self._p, self._t = (torch.empty_like(scale) for _ in range(5))
+
+    def __call__(self, v, rho):
+        """(P(v), gap), both on v's device."""
+        if rho <= 0:
+            return torch.zeros_like(v), v.new_zeros(())
+        u = torch.mul(v, self.inv_scale, out=self._u)
+        g = torch.mul(v, self.scale, out=self._g)
+        x, p, t = self._x, self._p, self._t
+        # Norms by torch.sum, whose pairwise sums are exact to ~1e-8 here (they decide feasibility
+        # and the root); float32 dot products drift by ~1e-6 at a few hundred thousand weights and
+        # only serve the derivative terms and the bounds.
+        r0 = torch.mul(u, u, out=x).sum().sqrt()
+        g_norm, m1 = torch.dot(g, g).sqrt(), torch.dot(u, g)   # ‖v·s‖, Σv² over the set
+        outside = r0 > rho
+        lo = (g_norm / rho - self.a_max).clamp_min(0)          # (3)
+        hi = g_norm / rho - self.a_min
+        mu = (m1 / (r0 * r0) * (r0 / rho - 1)).clamp(lo, hi)
+        for step in range(self.steps):
+            torch.add(self.a, mu, out=x)
+            torch.div(g, x, out=p)
+            torch.div(p, x, out=t)
+            r2, q = torch.mul(p, p, out=x).sum(), torch.dot(p, t)  # r², −½ d(r²)/dμ
+            if step + 1 == self.steps:
+                break
+            inv_k = 1.5 * torch.dot(t, t) * r2 / (q * q) - 1   # dot(t, t) = d²(r²)/dμ² / 6
+            mu = (mu + r2 / (2 * q * inv_k) * ((r2 / (rho * rho)) ** inv_k - 1)).clamp(lo, hi)
+        r = r2.sqrt()
+        excess = 1 / r - 1 / rho                               # ψ(μ) − 1/rho, < 0 while r > rho
+        lo = torch.maximum(lo, mu - excess * r2 * r / q)                  # (1): ψ' = q/r³
+        hi = torch.minimum(hi, mu - excess.clamp_max(0) * g_norm)         # (2), or μ itself
+        # μ = 0 inside the set gives v itself on the set and 0 off it (a0/a is exactly 1 or 0 there)
+        mu = torch.where(outside, hi, 0)
+        torch.div(self.a0, torch.add(self.a, mu, out=x), out=x)
+        return v * x, torch.where(outside, (hi - lo) / (self.a_min + hi), 0)
+
+
+def make_projection(scale, rho, norm, adaptive):
+    """v -> (projection of v onto the (adaptive) l2 ball or linf box of radius rho, gap); gap is the
+    ellipsoid's certified relative tolerance (see EllipsoidProjection) and 0 for the closed forms."""
+    if norm == "linf":
+        bound = rho * scale
+        return lambda v: (torch.maximum(torch.minimum(v, bound), -bound), v.new_zeros(()))
+    if norm != "l2":
+        raise ValueError(f"unknown norm '{norm}' (l2 or linf)")
+    if adaptive:
+        ellipsoid = EllipsoidProjection(scale)
+        return lambda v: ellipsoid(v, rho)
+    # the ball: scale by min(1, rho/‖v‖) without asking the host which case it is
+    return lambda v: (v * (rho / _float64(v.norm())).clamp(max=1), v.new_zeros(()))
+
+
+def project(v, scale, rho, norm, adaptive):
+    return make_projection(scale, rho, norm, adaptive)(v)[0]
+
+
+def project_l2_ellipsoid(v, scale, rho):
+    return EllipsoidProjection(scale)(v, rho)[0]
+
+
+def project_l2_ellipsoid_bisection(v, scale, rho, tol=1e-6, max_iter=200):
+    """The earlier projection, kept as a reference for tests and benchmarks/bench_sharpness.py: the
+    same KKT point found by bisection on λ = μ/2 with one host read per step (it stops when the
+    weighted norm is within ``tol`` of rho or the bracket within ``tol`` relative)."""
     s2 = scale * scale
     v = torch.where(s2 > 0, v, torch.zeros_like(v))
     if rho <= 0:
         return torch.zeros_like(v)
 
     def norm_at(lmbd):
-        # ‖d/s‖² = Σ v² s² / (s² + 2λ)²
         return torch.sqrt((v * v * s2 / (s2 + 2 * lmbd) ** 2).sum()).item()
 
-    if weighted_norm(v, scale).item() <= rho:
+    mask = s2 > 0
+    if torch.sqrt(((v[mask] / scale[mask]) ** 2).sum()).item() <= rho:
         return v
     low, high = 0.0, 1.0
     while norm_at(high) > rho:
@@ -134,20 +245,8 @@ def project_l2_ellipsoid(v, scale, rho, tol=1e-6, max_iter=200):
     return v * s2 / (s2 + 2 * high)
 
 
-def project(v, scale, rho, norm, adaptive):
-    if norm == "linf":
-        bound = rho * scale
-        return torch.maximum(torch.minimum(v, bound), -bound)
-    if norm != "l2":
-        raise ValueError(f"unknown norm '{norm}' (l2 or linf)")
-    if adaptive:
-        return project_l2_ellipsoid(v, scale, rho)
-    length = v.norm().item()
-    return v * (rho / length) if length > rho else v
-
-
 def in_set(delta, scale, rho, norm, rtol=1e-5):
-    """True if delta lies in the (adaptive) l2 ellipsoid / linf box of radius rho."""
+    """True if delta lies in the (adaptive) l2 ellipsoid / linf box of radius rho (a test helper)."""
     if bool((delta[scale == 0] != 0).any()):
         return False
     if norm == "linf":
@@ -156,46 +255,72 @@ def in_set(delta, scale, rho, norm, rtol=1e-5):
 
 
 # ----------------------------------------------------------------------------- worst case (APGD)
-def apgd_batch(flat, x, y, rho, norm="l2", adaptive=True, n_iters=20, trace=None):
-    """Worst-case loss on one batch. Returns (init_loss, init_err, worst_loss, worst_err, ‖δ_worst‖₂).
+APGD_RESTARTS = ("release", "worst")
 
+
+def _read(*values):
+    """One device-to-host copy for a batch's results (0-dim tensors of one dtype), as floats."""
+    return torch.stack(values).to("cpu", copy=True).tolist()
+
+
+def apgd_batch(flat, x, y, rho, norm="l2", adaptive=True, n_iters=20, restart="release", trace=None,
+               projection=None):
+    """Worst-case loss on one batch. Returns floats (init_loss, init_err, worst_loss, worst_err,
+    ‖δ_worst‖₂, projection gap); see the module docstring for ``restart``.
+
+    The loop keeps everything on the device: the halving rule's counters and tests are tensors and
+    ``torch.where`` applies them, so the host reads the batch's results once, at the end.
     ``trace``, when a list, receives every iterate delta (for the feasibility test).
     """
-    init_loss, init_err = flat.loss_err(x, y, torch.zeros_like(flat.w0))
+    if restart not in APGD_RESTARTS:
+        raise ValueError(f"unknown restart '{restart}' ({' or '.join(APGD_RESTARTS)})")
+    zero = torch.zeros_like(flat.w0)
+    init_loss, init_err = flat.loss_err(x, y, zero)
     if rho <= 0 or n_iters <= 0:
-        return init_loss, init_err, init_loss, init_err, 0.0
+        flat.restore()
+        return _read(init_loss, init_err, init_loss, init_err, zero.norm(), zero.new_zeros(()))
     scale = weight_scale(flat.w0, adaptive)
+    project_onto_set = projection or make_projection(scale, rho, norm, adaptive)
     checkpoints = set(apgd_checkpoints(n_iters))
-    delta = torch.zeros_like(flat.w0)
-    prev_delta = delta.clone()
-    worst_delta = delta.clone()
+    delta = prev_delta = worst_delta = grad_point = zero
     worst_loss, worst_err = init_loss, init_err
-    step = prev_step = 2.0 * rho
-    prev_worst_loss, prev_cp, n_updates = init_loss, 0, 0
+    step = torch.full((), 2.0 * rho, dtype=flat.w0.dtype, device=flat.w0.device)
+    prev_step, prev_worst_loss, prev_cp = step, init_loss, 0
+    n_updates = torch.zeros((), dtype=torch.int64, device=flat.w0.device)
+    gap = zero.new_zeros(())
     for i in range(n_iters):
-        g = flat.grad(x, y, delta)
+        g = flat.grad(x, y, grad_point)
         if norm == "l2":
             ascent = g / (g.norm() + 1e-12) * scale
         else:
             ascent = g.sign() * scale
-        candidate = project(delta + step * ascent, scale, rho, norm, adaptive)
-        new_delta = MOMENTUM * candidate + (1 - MOMENTUM) * prev_delta
-        prev_delta, delta = delta, new_delta
+        candidate, candidate_gap = project_onto_set(delta + step * ascent)
+        gap = torch.maximum(gap, candidate_gap)
+        prev_delta, delta = delta, MOMENTUM * candidate + (1 - MOMENTUM) * prev_delta
         if trace is not None:
             trace.append(delta.detach().clone())
         loss, err = flat.loss_err(x, y, delta)
-        if loss > worst_loss:
-            worst_loss, worst_err, worst_delta = loss, err, delta.clone()
-            n_updates += 1
-        if i in checkpoints:
+        improved = loss > worst_loss
+        worst_loss = torch.where(improved, loss, worst_loss)
+        worst_err = torch.where(improved, err, worst_err)
+        worst_delta = torch.where(improved, delta, worst_delta)
+        n_updates = n_updates + improved
+        grad_point = delta
+        if i in checkpoints:  # the schedule is fixed, so this branch reads nothing from the device
             too_few = n_updates < MIN_UPDATE_RATIO * (i - prev_cp)
-            stalled = prev_step == step and prev_worst_loss == worst_loss
-            prev_step, prev_worst_loss, prev_cp, n_updates = step, worst_loss, i, 0
-            if too_few or stalled:
-                step *= STEP_SCALER
-                delta, prev_delta = worst_delta.clone(), worst_delta.clone()
+            stalled = (prev_step == step) & (prev_worst_loss == worst_loss)
+            halve = too_few | stalled
+            prev_step, prev_worst_loss, prev_cp = step, worst_loss, i
+            n_updates = torch.zeros_like(n_updates)
+            step = torch.where(halve, step * STEP_SCALER, step)
+            if restart == "worst":
+                delta = torch.where(halve, worst_delta, delta)
+                prev_delta = torch.where(halve, worst_delta, prev_delta)
+            # release: the worst weights were loaded into the model, so the next gradient is taken
+            # there, while delta and prev_delta carry on; worst: the same point, as delta moved there
+            grad_point = torch.where(halve, worst_delta, delta)
     flat.restore()
-    return init_loss, init_err, worst_loss, worst_err, worst_delta.norm().item()
+    return _read(init_loss, init_err, worst_loss, worst_err, worst_delta.norm(), gap)
 
 
 # ----------------------------------------------------------------------------- average case
@@ -210,7 +335,8 @@ def random_delta(w0, rho, norm, adaptive, generator):
 
 
 def average_batch(flat, x, y, rho, norm="l2", adaptive=True, n_draws=100, generator=None):
-    """Mean loss under random perturbations. Returns (init_loss, init_err, mean_loss, mean_err)."""
+    """Mean loss under random perturbations. Returns floats (init_loss, init_err, mean_loss, mean_err),
+    read from the device once for the batch."""
     init_loss, init_err = flat.loss_err(x, y, torch.zeros_like(flat.w0))
     losses, errs = [], []
     for _ in range(n_draws):
@@ -218,7 +344,8 @@ def average_batch(flat, x, y, rho, norm="l2", adaptive=True, n_draws=100, genera
         losses.append(loss)
         errs.append(err)
     flat.restore()
-    return init_loss, init_err, float(np.mean(losses)), float(np.mean(errs))
+    mean_loss, mean_err = _float64(torch.stack(losses)).mean(), _float64(torch.stack(errs)).mean()
+    return _read(_float64(init_loss), _float64(init_err), mean_loss, mean_err)
 
 
 # ----------------------------------------------------------------------------- Fisher
@@ -262,16 +389,21 @@ def _summary(init_losses, init_errs, losses, errs, delta_norms=None):
 
 
 def worst_case_sharpness(model, batches, rhos=(0.5,), norms=("l2", "linf"), adaptive=True,
-                         n_iters=20, desc="APGD_worst"):
-    """{``<norm>_<rho>``: summary} of worst-case sharpness over ``batches`` [(x, y), ...]."""
+                         n_iters=20, restart="release", desc="APGD_worst"):
+    """{``<norm>_<rho>``: summary} of worst-case sharpness over ``batches`` [(x, y), ...]. The
+    summary's ``projection_gap`` is the largest certified relative tolerance of any ellipsoid
+    projection in the search (0 for the linf box and the plain ball)."""
     model.eval()
     flat = FlatModel(model)
+    scale = weight_scale(flat.w0, adaptive)
     results = {}
     for norm, rho in _norms_and_rhos(norms, rhos):
-        rows = [apgd_batch(flat, x, y, rho, norm, adaptive, n_iters)
+        projection = make_projection(scale, rho, norm, adaptive)
+        rows = [apgd_batch(flat, x, y, rho, norm, adaptive, n_iters, restart, projection=projection)
                 for x, y in tqdm(batches, desc=f"{desc} {sharpness_key(norm, rho)}", leave=False)]
-        init_l, init_e, worst_l, worst_e, dn = (list(c) for c in zip(*rows))
-        results[sharpness_key(norm, rho)] = _summary(init_l, init_e, worst_l, worst_e, dn)
+        init_l, init_e, worst_l, worst_e, dn, gaps = (list(c) for c in zip(*rows))
+        results[sharpness_key(norm, rho)] = dict(_summary(init_l, init_e, worst_l, worst_e, dn),
+                                                 projection_gap=float(max(gaps)))
     flat.restore()
     return results
 

@@ -48,7 +48,7 @@ def test_iterates_stay_in_the_set_and_sharpness_is_nonnegative(norm, adaptive):
     rho = 0.5 if adaptive else 0.05
     for x, y in _batches(2):
         trace = []
-        init_loss, _, worst_loss, _, _ = sh.apgd_batch(flat, x, y, rho, norm, adaptive, 20, trace=trace)
+        init_loss, _, worst_loss, _, _, _ = sh.apgd_batch(flat, x, y, rho, norm, adaptive, 20, trace=trace)
         assert len(trace) == 20
         assert all(sh.in_set(d, scale, rho, norm) for d in trace)
         assert worst_loss >= init_loss
@@ -124,7 +124,7 @@ def test_apgd_matches_a_dense_grid_search_on_a_linear_model(norm):
     model, x, y = _linear_problem()
     rho = 0.5
     flat = sh.FlatModel(model)
-    init_loss, _, worst_loss, _, _ = sh.apgd_batch(flat, x, y, rho, norm, True, 20)
+    init_loss, _, worst_loss, _, _, _ = sh.apgd_batch(flat, x, y, rho, norm, True, 20)
     scale = flat.w0.abs()
     axis = torch.linspace(-1, 1, 33)
     u = torch.tensor(list(itertools.product(axis.tolist(), repeat=4)))
@@ -167,3 +167,217 @@ def test_release_shuffle_order_matches_a_seeded_dataloader():
     loader = torch.utils.data.DataLoader(dataset, batch_size=5, shuffle=True)
     from_loader = torch.cat([b[0] for b in loader])
     assert torch.equal(sh.release_shuffle_order(97, 13), from_loader)
+
+
+# ----------------------------------------------------------------------------- the ellipsoid, exactly
+def _ellipsoid_solution(v, scale, rho):
+    """The exact projection in float64, independently: bisection on μ in d = v·s²/(s² + μ) to the
+    last bit (entries with s = 0 are 0)."""
+    v, s = v.double(), scale.double()
+    on = s > 0
+    v = torch.where(on, v, 0)
+    a = s * s
+
+    def norm_at(mu):
+        return torch.where(on, v * s / (a + mu), 0).norm().item()
+
+    if norm_at(0.0) <= rho:
+        return v
+    lo, hi = 0.0, 1.0
+    while norm_at(hi) > rho:
+        lo, hi = hi, 2 * hi
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if norm_at(mid) > rho else (lo, mid)
+    return v * a / (a + hi)
+
+
+def _projection_cases():
+    g = torch.Generator().manual_seed(7)
+    # ResNet-like: most weights small, a few BatchNorm-sized ones, exact zeros, a 1e-9 one
+    scale = torch.randn(60_000, generator=g).abs() * 0.05
+    scale[:100] = 1 + torch.rand(100, generator=g)
+    scale[100:300] = 0
+    scale[300] = 1e-9
+    ascent = torch.randn(60_000, generator=g)
+    first = 1.0 * ascent / ascent.norm() * scale            # APGD's first step, rho 0.5: twice outside
+    cases = [("first APGD step", first, scale, 0.5),
+             ("far outside", 40 * first + 0.01 * torch.randn(60_000, generator=g) * scale, scale, 0.5),
+             ("just outside", first * 0.2501, scale, 0.05),
+             ("inside", first * 0.1, scale, 0.5),
+             ("equal scales", torch.randn(1000, generator=g), torch.full((1000,), 0.3), 0.2)]
+    return cases
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_ellipsoid_projection_is_feasible_and_within_its_certified_gap(case):
+    name, v, scale, rho = _projection_cases()[case]
+    exact = _ellipsoid_solution(v, scale, rho)
+    d, gap = sh.EllipsoidProjection(scale)(v, rho)
+    d64, gap = d.double(), gap.item()
+    assert sh.weighted_norm(d64, scale.double()).item() <= rho * (1 + 1e-6), name          # feasible
+    assert bool((d[scale == 0] == 0).all()), name
+    assert gap <= 1e-4, name
+    # certified: each coordinate between (1 - gap) and 1 times the exact one (plus float32 rounding)
+    assert bool(((d64 - exact).abs() <= (gap + 2e-6) * exact.abs() + 1e-30).all()), name
+    assert (d64 - exact).norm().item() <= 2e-6 * exact.norm().item(), name
+    if name == "inside":
+        assert torch.equal(d, torch.where(scale > 0, v, 0)) and gap == 0
+    if name == "equal scales":  # closed form: the ball of radius 0.2·0.3, a radial scaling
+        assert torch.allclose(d, v * (0.06 / v.norm()), rtol=1e-6)
+
+
+def test_ellipsoid_projection_of_every_apgd_step_matches_the_float64_solution():
+    net = _tiny_net()
+    flat = sh.FlatModel(net)
+    scale = flat.w0.abs()
+    ellipsoid = sh.EllipsoidProjection(scale)
+    seen = []
+
+    def recording(v):
+        seen.append(v.clone())
+        return ellipsoid(v, 0.5)
+    for x, y in _batches(2):
+        sh.apgd_batch(flat, x, y, 0.5, "l2", True, 20, projection=recording)
+    assert len(seen) == 40
+    for v in seen:
+        d, gap = ellipsoid(v, 0.5)
+        exact = _ellipsoid_solution(v, scale, 0.5)
+        assert gap.item() <= 1e-4
+        assert (d.double() - exact).norm().item() <= 2e-6 * max(exact.norm().item(), 1e-12)
+        # the earlier bisection lands on the same point, to its looser tolerance
+        before = sh.project_l2_ellipsoid_bisection(v, scale, 0.5)
+        assert (before - d).norm().item() <= 1e-5 * d.norm().item()
+
+
+# ----------------------------------------------------------------------------- APGD's step halving
+def test_worst_restart_is_the_code_before_the_rewrite():
+    from tests.apgd_before import apgd_batch_before
+    net = _tiny_net()
+    flat = sh.FlatModel(net)
+    for norm, adaptive in [("l2", True), ("l2", False), ("linf", True)]:
+        rho = 0.5 if adaptive else 0.05
+        for x, y in _batches(2):
+            new_trace, old_trace = [], []
+            new = sh.apgd_batch(flat, x, y, rho, norm, adaptive, 20, restart="worst", trace=new_trace)
+            old = apgd_batch_before(flat, x, y, rho, norm, adaptive, 20, trace=old_trace)
+            assert new[:5] == pytest.approx(old, rel=1e-5, abs=1e-7), (norm, adaptive)
+            # iterate by iterate, to the earlier bisection's tolerance
+            assert all((a - b).norm() <= 1e-5 * b.norm() + 1e-9 for a, b in zip(new_trace, old_trace))
+
+
+def _hand_apgd(w0, x, y, rho, norm, n_iters, restart):
+    """APGD on a 2x2 linear softmax model, by hand in float64, written the way the release keeps its
+    state: the weights in the model (where every gradient is taken), delta and its momentum partner
+    prev; on halving the model gets the worst weights back (its load_state_dict), and ``worst``
+    also puts delta and prev there. Gradient of mean CE: (softmax − onehot)ᵀ x / B."""
+    def loss_grad(w):
+        z = x @ w.reshape(2, 2).T
+        z = z - z.max(axis=1, keepdims=True)
+        log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return -log_p[np.arange(len(y)), y].mean(), ((np.exp(log_p) - np.eye(2)[y]).T @ x / len(y)).ravel()
+
+    def project(v):
+        if norm == "linf":
+            return np.clip(v, -rho * s, rho * s)
+        if np.linalg.norm(v / s) <= rho:
+            return v
+        lo, hi = 0.0, 1e3
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if np.linalg.norm(v * s / (s * s + mid)) > rho else (lo, mid)
+        return v * s * s / (s * s + hi)
+
+    s = np.abs(w0)
+    model_w, delta, prev = w0.copy(), np.zeros(4), np.zeros(4)
+    worst_loss = prev_worst = loss_grad(w0)[0]
+    worst_w, worst_delta = w0.copy(), np.zeros(4)
+    step = prev_step = 2 * rho
+    prev_cp, n_up, trace, halved = 0, 0, [], []
+    # ceil(8·p) for p = 0.22, 0.41, 0.57, 0.70, 0.80 (then 0.87·8 = 6.96 gives 7 again: the end)
+    checkpoints = {2, 4, 5, 6, 7}
+    for i in range(n_iters):
+        backup = delta.copy()
+        g = loss_grad(model_w)[1]
+        delta = delta + step * (g / (np.linalg.norm(g) + 1e-12) if norm == "l2" else np.sign(g)) * s
+        delta = 0.75 * project(delta) + 0.25 * prev
+        model_w, prev = w0 + delta, backup
+        trace.append(delta.copy())
+        loss = loss_grad(model_w)[0]
+        if loss > worst_loss:
+            worst_loss, worst_w, worst_delta, n_up = loss, model_w.copy(), delta.copy(), n_up + 1
+        if i in checkpoints:
+            halve = n_up < 0.75 * (i - prev_cp) or (prev_step == step and prev_worst == worst_loss)
+            prev_step, prev_worst, prev_cp, n_up = step, worst_loss, i, 0
+            if halve:
+                halved.append(i)
+                step, model_w = step / 2, worst_w.copy()
+                if restart == "worst":
+                    delta, prev = worst_delta.copy(), worst_delta.copy()
+    return worst_loss, np.array(trace), halved
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_both_restarts_follow_a_hand_computed_iteration(norm):
+    assert set(sh.apgd_checkpoints(8)) == {2, 4, 5, 6, 7}
+    w0 = np.array([1.2, -0.7, 0.4, 0.9])
+    x = np.random.RandomState(3).randn(5, 2)
+    y = np.array([0, 1, 1, 0, 1])
+    rho = 1.0 if norm == "l2" else 0.5
+    model = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor(w0.reshape(2, 2), dtype=torch.float32))
+    flat = sh.FlatModel(model.eval())
+    xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+    hand = {}
+    for restart in sh.APGD_RESTARTS:
+        worst_loss, trace, halved = _hand_apgd(w0, x, y, rho, norm, 8, restart)
+        hand[restart] = trace
+        assert halved  # the step is halved at least once, so the two rules are exercised
+        got = []
+        out = sh.apgd_batch(flat, xt, yt, rho, norm, True, 8, restart=restart, trace=got)
+        assert out[2] == pytest.approx(worst_loss, rel=1e-5)
+        assert np.allclose(np.stack([d.double().numpy() for d in got]), trace, rtol=1e-4, atol=1e-6)
+    # the two rules do part ways on this problem
+    assert np.abs(hand["release"] - hand["worst"]).max() > 1e-3
+
+
+# ----------------------------------------------------------------------------- no host reads in the loop
+def test_an_apgd_batch_reads_the_host_once_whatever_its_length():
+    # One read per batch (its six results, copied together); none per iteration: 4 and 8
+    # iterations read the same. Both norms, the ball and the ellipsoid, both restarts; also the
+    # average case's draws.
+    from tests.host_reads import count_host_reads
+    net = _tiny_net()
+    flat = sh.FlatModel(net)
+    x, y = _batches(1)[0]
+    for norm, adaptive in [("l2", True), ("l2", False), ("linf", True)]:
+        for restart in sh.APGD_RESTARTS:
+            counts = []
+            for n_iters in (4, 8):
+                with count_host_reads() as reads:
+                    sh.apgd_batch(flat, x, y, 0.5, norm, adaptive, n_iters, restart=restart)
+                counts.append(reads.total)
+            assert counts == [1, 1], (norm, adaptive, restart, reads.summary())
+    for draws in (3, 6):
+        with count_host_reads() as reads:
+            sh.average_batch(flat, x, y, 0.5, "l2", True, draws, torch.Generator().manual_seed(0))
+        assert reads.total == 1, reads.summary()
+
+
+def test_measure_sharpness_records_the_restart(tmp_path):
+    import json
+
+    import measure_sharpness
+    from models import create_model
+    torch.manual_seed(0)
+    member = tmp_path / "member.pth.tar"
+    torch.save({"state_dict": create_model("resnet18", 10, width=4).state_dict(), "model": "resnet18",
+                "width": 4, "dataset": "digits", "num_classes": 10}, member)
+    common = ["--dataset", "digits", "--resume", str(member), "--mode", "APGD_worst", "--batch-num", "1",
+              "--eval-batch-size", "2", "--n_iters", "3", "--norm", "l2", "--device", "cpu"]
+    assert measure_sharpness.get_parser().parse_args(common).apgd_restart == "release"
+    measure_sharpness.main(common + ["--apgd_restart", "worst", "--save", str(tmp_path / "out")])
+    result = json.loads((tmp_path / "out" / "APGD_worst.json").read_text())
+    assert result["meta"]["apgd_restart"] == "worst"
+    assert 0 <= result["individual_sharpness"][0]["l2_0.5"]["projection_gap"] <= 1e-4
