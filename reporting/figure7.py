@@ -2,8 +2,10 @@
 
 Layout read (written by scripts/figure7.sh through scripts/measure/*.sh):
     <results>/<dataset>/<method>/<ensemble>/{predict,disagreement,variance_mse_c,APGD_worst}.json
+    and, when measured (SHARPNESS_MODES=APGD_worst,fisher), fisher.json
 where <ensemble> is ``seeds_13_17_27`` etc. Every number kept per ensemble is listed in FIELDS;
-a missing file or key leaves NaN and adds one line to the list of missing inputs, never an error.
+a missing file or key leaves NaN and adds one line to the list of missing inputs, never an error
+(fisher.json only counts as missing when asked for: scripts/report.py --claims needs it).
 Accuracies are in percent. Means and standard deviations (sample std, ddof = 1) are over ensembles.
 """
 import json
@@ -11,9 +13,11 @@ import math
 import os
 
 import numpy as np
+from scipy import stats
 
 METHODS = ("deep_ensemble", "sam", "sharpbalance")
-METHOD_LABELS = {"deep_ensemble": "Deep Ensemble", "sam": "DE + SAM", "sharpbalance": "SharpBalance"}
+METHOD_LABELS = {"deep_ensemble": "Deep Ensemble", "sam": "DE + SAM", "sharpbalance": "SharpBalance",
+                 "sharpbalance_sharpest": "SharpBalance (sharpest)"}  # the paper's --select sharpest reading
 DATASETS = ("cifar10", "cifar100", "tiny_imgnet", "digits")
 DATASET_LABELS = {"cifar10": ("CIFAR-10", "CIFAR-10-C"), "cifar100": ("CIFAR-100", "CIFAR-100-C"),
                   "tiny_imgnet": ("Tiny-ImageNet", "Tiny-ImageNet-C"), "digits": ("digits", "digits-C")}
@@ -37,8 +41,19 @@ FIELDS = {
     "id_disagreement": ("disagreement", ("test", "mean_disagreement"), 1.0),
     "ood_disagreement": ("disagreement", ("corruptions", "ood", "mean_disagreement"), 1.0),
     "ood_variance": ("variance_mse_c", ("variance_unbias",), 1.0),
+    "fisher": ("fisher", ("mean_fisher",), 1.0),
+    # calibration: NLL (mean −log p of the true class) and ECE (a fraction, 15 bins)
+    "id_ensemble_nll": ("predict", ("test", "ensemble_loss"), 1.0),
+    "id_individual_nll": ("predict", ("test", "average_individual_loss"), 1.0),
+    "ood_ensemble_nll": ("predict", ("corruptions", "ood", "ensemble_loss"), 1.0),
+    "ood_individual_nll": ("predict", ("corruptions", "ood", "average_individual_loss"), 1.0),
+    "id_ensemble_ece": ("predict", ("test", "ensemble_ece"), 1.0),
+    "id_individual_ece": ("predict", ("test", "average_individual_ece"), 1.0),
+    "ood_ensemble_ece": ("predict", ("corruptions", "ood", "ensemble_ece"), 1.0),
+    "ood_individual_ece": ("predict", ("corruptions", "ood", "average_individual_ece"), 1.0),
 }
 FILES = ("predict", "disagreement", "variance_mse_c", "APGD_worst")
+OPTIONAL_FILES = ("fisher",)  # read when present; missing only when a caller requires it
 NAN = float("nan")
 
 
@@ -74,15 +89,18 @@ def sharpness_key(keys, wanted="auto"):
     return l2[0] if l2 else (keys[0] if keys else None)
 
 
-def load_ensemble(directory, wanted_sharpness="auto"):
-    """(record of FIELDS + sharpness, list of missing inputs) for one ensemble's result folder."""
+def load_ensemble(directory, wanted_sharpness="auto", required=FILES):
+    """(record of FIELDS + sharpness, list of missing inputs) for one ensemble's result folder.
+
+    Files in ``required`` are listed as missing when absent; OPTIONAL_FILES are read when present."""
     record = {field: NAN for field in FIELDS}
     record.update(sharpness=NAN, sharpness_setting=None, members=None)
     missing, payloads = [], {}
-    for name in FILES:
+    for name in dict.fromkeys(tuple(FILES) + OPTIONAL_FILES + tuple(required)):
         path = os.path.join(directory, f"{name}.json")
         if not os.path.isfile(path):
-            missing.append(f"{path} (file missing)")
+            if name in required:
+                missing.append(f"{path} (file missing)")
             continue
         try:
             with open(path) as f:
@@ -109,10 +127,11 @@ def load_ensemble(directory, wanted_sharpness="auto"):
     return record, missing
 
 
-def collect(results, datasets=DATASETS, methods=METHODS, ensembles=None, wanted_sharpness="auto"):
+def collect(results, datasets=DATASETS, methods=METHODS, ensembles=None, wanted_sharpness="auto", required=FILES):
     """Every ensemble's record under ``results`` and the missing inputs.
 
     ``ensembles``: the expected ensemble folder names (``seeds_13_17_27`` ...); None = whatever exists.
+    ``required``: the result files whose absence is listed (see load_ensemble).
     """
     records, missing = [], []
     for dataset in datasets:
@@ -128,7 +147,7 @@ def collect(results, datasets=DATASETS, methods=METHODS, ensembles=None, wanted_
                 if not os.path.isdir(directory):
                     missing.append(f"{directory} (folder missing)")
                     continue
-                record, lost = load_ensemble(directory, wanted_sharpness)
+                record, lost = load_ensemble(directory, wanted_sharpness, required)
                 record.update(dataset=dataset, method=method, ensemble=name)
                 records.append(record)
                 missing += lost
@@ -141,6 +160,17 @@ def mean_std(values):
     if len(values) == 0:
         return NAN, NAN, 0
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else NAN, len(values)
+
+
+def ci95(std, n):
+    """Half-width of the 95% t-interval of a mean of n values with sample std ``std`` (NaN for n < 2)."""
+    return float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n >= 2 and math.isfinite(std) else NAN
+
+
+def member_counts(records):
+    """"3" or "2, 3": the member counts of the ensembles measured (None when unknown)."""
+    counts = sorted({r["members"] for r in records if r.get("members")})
+    return ", ".join(str(c) for c in counts) or None
 
 
 def summarise(records, datasets, methods):
@@ -160,8 +190,9 @@ def summarise(records, datasets, methods):
                 rows.append(dict(
                     dataset=dataset, split=split, test_set=dataset_label(dataset, split), method=method,
                     method_label=method_label(method), n_ensembles=ens[2],
-                    ensemble_acc_mean=ens[0], ensemble_acc_std=ens[1],
-                    individual_acc_mean=ind[0], individual_acc_std=ind[1], ensemble_gain_mean=gain[0],
+                    members=member_counts(chosen), ensemble_acc_mean=ens[0], ensemble_acc_std=ens[1],
+                    ensemble_acc_ci95=ci95(ens[1], ens[2]), individual_acc_mean=ind[0],
+                    individual_acc_std=ind[1], individual_acc_ci95=ci95(ind[1], ind[2]), ensemble_gain_mean=gain[0],
                     paper_ensemble_acc=paper[0], ensemble_acc_diff=ens[0] - paper[0],
                     paper_individual_acc=paper[1], individual_acc_diff=ind[0] - paper[1]))
     return rows
@@ -178,8 +209,10 @@ def summarise_diversity(records, datasets, methods):
             row = dict(dataset=dataset, method=method, method_label=method_label(method), n_ensembles=len(chosen),
                        sharpness_setting=", ".join(sorted({r["sharpness_setting"] for r in chosen
                                                            if r["sharpness_setting"]})) or None)
-            for field in ("sharpness", "ood_variance", "id_disagreement", "ood_disagreement", "ood_ensemble_acc"):
-                row[f"{field}_mean"], row[f"{field}_std"], _ = mean_std([r[field] for r in chosen])
+            for field in ("sharpness", "fisher", "ood_variance", "id_disagreement", "ood_disagreement",
+                          "ood_ensemble_acc"):
+                row[f"{field}_mean"], row[f"{field}_std"], n = mean_std([r[field] for r in chosen])
+                row[f"{field}_ci95"] = ci95(row[f"{field}_std"], n)
             rows.append(row)
     return rows
 

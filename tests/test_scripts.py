@@ -1,5 +1,6 @@
-"""The reproduction scripts end to end: scripts/demo.sh (fast settings) and scripts/figure7.sh on
-fabricated CIFAR-10 / CIFAR-10-C, including the report, its files and a rerun that skips everything.
+"""The reproduction scripts end to end: scripts/demo.sh then scripts/claims.sh (fast settings, one
+folder), scripts/figure7.sh on fabricated CIFAR-10 / CIFAR-10-C, including the report, its files and a
+rerun that skips everything.
 """
 import csv
 import math
@@ -13,20 +14,22 @@ import pytest
 from fixtures import make_cifar, make_cifar_c
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("scripts/demo.sh", "scripts/figure7.sh", "scripts/train/_common.sh", "scripts/train/_train.sh",
-           "scripts/train/deep_ensemble.sh", "scripts/train/sam.sh", "scripts/train/sharpbalance.sh",
+SCRIPTS = ("scripts/demo.sh", "scripts/figure7.sh", "scripts/claims.sh", "scripts/train/_common.sh",
+           "scripts/train/_train.sh", "scripts/train/deep_ensemble.sh", "scripts/train/sam.sh",
+           "scripts/train/sharpbalance.sh", "scripts/train/sharpbalance_sharpest.sh",
            "scripts/measure/_measure.sh", "scripts/measure/measure_diversity.sh",
            "scripts/measure/measure_diversity_variance.sh", "scripts/measure/measure_sharpness.sh")
 REPORT_FILES = ("figure7_table.csv", "figure7_table.md", "diversity_table.csv", "ensembles.csv", "figure7.png",
                 "sharpness_diversity.png", "missing.txt")
 
 
-def run_script(script, env_extra, timeout=240):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHON=sys.executable, **env_extra)
+def run_script(script, env_extra, timeout=240, returncode=0):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHON=sys.executable)
+    env.update(env_extra)
     env.pop("OMP_NUM_THREADS", None)  # the scripts choose threads per job themselves
     result = subprocess.run(["bash", os.path.join(ROOT, script)], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=timeout)
-    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    assert result.returncode == returncode, (result.stdout[-3000:], result.stderr[-3000:])
     return result.stdout + result.stderr
 
 
@@ -71,17 +74,64 @@ def test_scripts_parse_and_are_executable():
             assert os.access(path, os.X_OK), script
 
 
-def test_demo_fast_variant(tmp_path):
-    """scripts/demo.sh with tiny settings: all three methods, every measurement, the report."""
+def test_demo_then_claims_fast_variant(tmp_path):
+    """scripts/demo.sh with tiny settings (all three methods, every measurement, the report); then
+    scripts/claims.sh with K = 2 in the same folder, limited to Deep Ensemble and DE + SAM to keep the
+    test short (the SharpBalance rows are checked on fabricated results in tests/test_claims.py): it
+    reuses the demo's runs (rerun = resume), trains the second seed set, adds the Fisher trace, and
+    writes every claims file."""
     out = str(tmp_path / "demo")
     few = "--corruptions gaussian_noise,contrast"  # 2 of the 15 digits-C corruptions, to keep the test short
-    log = run_script("scripts/demo.sh", dict(OUT=out, EPOCHS="2", WIDTH="4", BATCH_SIZE="128", JOBS="2",
-                                             DIVERSITY_EXTRA=few, VARIANCE_EXTRA=few,
-                                             SHARPNESS_EXTRA="--batch-num 2 --n_iters 5 --norm l2"))
+    env = dict(OUT=out, EPOCHS="1", WIDTH="4", BATCH_SIZE="128", JOBS="2", DIVERSITY_EXTRA=few, VARIANCE_EXTRA=few,
+               SHARPNESS_EXTRA="--batch-num 2 --n_iters 5 --norm l2")
+    # the Fisher trace too, as claims.sh measures it: its rerun then skips the demo's measurements
+    log = run_script("scripts/demo.sh", dict(env, SHARPNESS_MODES="APGD_worst,fisher"))
     assert "demo finished" in log and os.path.join(out, "report", "figure7.png") in log
-    rows = check_report(os.path.join(out, "report"))
+    report = os.path.join(out, "report")
+    rows = check_report(report)
     assert {r["test_set"] for r in rows} == {"digits", "digits-C"}
-    assert len(read_csv(os.path.join(out, "report", "ensembles.csv"))) == 3
+    assert len(read_csv(os.path.join(report, "ensembles.csv"))) == 3
+
+    methods = ("deep_ensemble", "sam")
+    log = run_script("scripts/claims.sh", dict(env, K="2", METHODS=" ".join(methods)))
+    assert log.count("(==> skip training") == 2 and log.count("(==> finished training") == 2, log[-3000:]
+    assert log.count("(==> skip measure") == 6, log[-3000:]  # the demo's seed set: nothing measured again
+    assert "claims finished" in log
+    check_report(report, methods, n_ensembles=2)
+    for name in ("claims.md", "claims.csv", "claims.json", "claims_settings.json"):
+        assert os.path.isfile(os.path.join(report, name)), name
+    claims = read_csv(os.path.join(report, "claims.csv"))
+    from reporting.claims import paper_claims
+    assert [r["key"] for r in claims] == [c.key for c in paper_claims() if {c.method, c.baseline} == set(methods)]
+    for r in claims:  # every claim rests on both seed sets, with an interval and a verdict
+        assert r["n"] == "2" and r["used"] == "seeds_13_17_27 seeds_113_117_127" and not r["left_out"], r
+        assert float(r["ci_low"]) <= float(r["mean"]) <= float(r["ci_high"])
+        assert r["verdict"] in ("holds", "contradicted", "inconclusive")
+    ensembles = read_csv(os.path.join(report, "ensembles.csv"))
+    assert len(ensembles) == 4 and all(float(r["fisher"]) > 0 for r in ensembles)
+    text = open(os.path.join(report, "claims.md")).read()
+    assert "epochs = 1" in text and "K = 2" in text and "13 17 27;113 117 127" in text
+
+
+def test_train_scripts_command_lines(tmp_path):
+    """Each method script's main.py command (PYTHON=echo prints it instead of training): the fourth
+    method is SharpBalance with the paper's --select sharpest, everything else as released."""
+    expected = {"deep_ensemble": "--sam False", "sam": "--sam True --rho 0.2",
+                "sharpbalance": "--sam True --rho 0.2 --flat_ratio 0.5 --initial_epochs 4",
+                "sharpbalance_sharpest": "--sam True --rho 0.2 --flat_ratio 0.5 --initial_epochs 4 --select sharpest"}
+    for method, flags in expected.items():
+        log = run_script(f"scripts/train/{method}.sh", dict(PYTHON="echo", DATASET="digits", EPOCHS="8",
+                                                            SAVE_PATH=str(tmp_path / method)))
+        command = next(line for line in log.splitlines() if line.startswith(os.path.join(ROOT, "main.py")))
+        assert f" {flags} --seed 13 17 27 " in command and "--epochs 8 " in command, command
+        assert ("--select" in command) == (method == "sharpbalance_sharpest")
+
+
+def test_claims_needs_two_seed_sets(tmp_path):
+    for extra in (dict(K="1"), dict(SEED_SETS="13 17 27")):
+        log = run_script("scripts/claims.sh", dict(OUT=str(tmp_path / "claims"), **extra), returncode=1)
+        assert "error:" in log and "a confidence interval needs at least two seed sets" in log, log
+        assert not os.path.exists(tmp_path / "claims" / "runs")
 
 
 def test_figure7_toy_cifar10(tmp_path):
@@ -129,10 +179,12 @@ def fake_results(root, datasets, methods, ensembles, rng):
                 folder = os.path.join(root, dataset, method, ensemble)
                 os.makedirs(folder)
                 acc = lambda low: float(rng.uniform(low, low + 0.05))  # noqa: E731
+                calibration = {"ensemble_loss": 0.3, "average_individual_loss": 0.4, "ensemble_ece": 0.02,
+                               "average_individual_ece": 0.03}
                 predict = {"test": {"ensemble_accuracy": acc(0.9), "average_individual_accuracy": acc(0.85),
-                                    "individual_accuracy": [0.8, 0.8, 0.8]},
+                                    "individual_accuracy": [0.8, 0.8, 0.8], **calibration},
                            "corruptions": {"ood": {"ensemble_accuracy": acc(0.7),
-                                                   "average_individual_accuracy": acc(0.65)}}}
+                                                   "average_individual_accuracy": acc(0.65), **calibration}}}
                 files = {"predict": predict,
                          "disagreement": {"test": {"mean_disagreement": acc(0.05)},
                                           "corruptions": {"ood": {"mean_disagreement": acc(0.2)}}},
