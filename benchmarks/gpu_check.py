@@ -31,6 +31,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -166,6 +167,8 @@ def smoke(args, cfg, device):
     deadline = Deadline(args.budget)
     out = os.path.join(args.out, "smoke")
     data = os.path.join(args.out, "datasets")
+    # Fresh runs every time: a rerun must not resume (and so skip) runs left by an earlier check.
+    shutil.rmtree(out, ignore_errors=True)
     # fp32 against fp32: TF32 convolutions/matmuls would move the device run by ~1e-3 per op.
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False

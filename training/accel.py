@@ -18,7 +18,8 @@ model, untouched. Each option is one switch on the model, applied once by ``Fast
 The forward is replaced on the instance (``model.forward``), so parameter names, the state_dict
 and attributes such as ``model.linear`` stay the same; ``plain_forward(model)`` gives the eager
 fp32 forward back for a block (the per-sample sharpness scores always use it, so the split does not
-depend on the fast path). Apply ``prepare`` to the model that trains, not to a copy of it.
+depend on the fast path; channels_last stays, it changes only the order of additions). Apply
+``prepare`` to the model that trains, not to a copy of it.
 """
 import contextlib
 import os
