@@ -64,8 +64,10 @@ def ensemble_name(seeds):
 
 def seed_count(name):
     """"seeds_13_17_27" -> 3; None when the name is not of that form."""
-    parts = name.split("_")
-    return len(parts) - 1 if parts[0] == "seeds" and all(p.isdigit() for p in parts[1:]) and len(parts) > 1 else None
+    prefix, *seeds = name.split("_")
+    if prefix != "seeds" or not seeds or not all(s.isdigit() for s in seeds):
+        return None
+    return len(seeds)
 
 
 # ------------------------------------------------------------------------------------- statistics
@@ -186,8 +188,8 @@ def value(record, metric):
     if metric.endswith("_ensemble_gain"):
         split = metric.split("_", 1)[0]
         return record.get(f"{split}_ensemble_acc", NAN) - record.get(f"{split}_individual_acc", NAN)
-    result = record.get(metric, NAN)
-    return float(result) if isinstance(result, (int, float)) and result is not None else NAN
+    result = record.get(metric)
+    return float(result) if isinstance(result, (int, float)) else NAN
 
 
 def incomplete_reason(record):
@@ -226,8 +228,8 @@ def evaluate_claim(claim, records, dataset, ensembles, confidence=CONFIDENCE, ma
         a, b = values
         differences.append(a / b - 1.0 if claim.relative else a - b)
         used.append(name)
-    row = dict(key=claim.key, claim=claim.text, reading=claim.reading, dataset=dataset, metric=claim.metric, method=claim.method,
-               baseline=claim.baseline, expect=claim.expect,
+    row = dict(key=claim.key, claim=claim.text, reading=claim.reading, dataset=dataset, metric=claim.metric,
+               method=claim.method, baseline=claim.baseline, expect=claim.expect,
                difference="relative: method / baseline − 1" if claim.relative else "method − baseline",
                margin=margin if claim.relative else 0.0, confidence=confidence, n=len(differences),
                mean=NAN, sd=NAN, ci_low=NAN, ci_high=NAN, t_crit=NAN, p_sign_flip=NAN,
@@ -299,19 +301,19 @@ def seed_set_status(records, dataset, ensembles, methods):
 
 # ------------------------------------------------------------------------------------- rendering
 def _num(x, digits=3):
-    if not (isinstance(x, float) and math.isfinite(x)) and not isinstance(x, int):
+    """3 decimals, or 3 significant digits for very large or very small values; — for NaN."""
+    if not math.isfinite(x):
         return "—"
-    if isinstance(x, int):
-        return str(x)
     if x != 0 and (abs(x) >= 1e4 or abs(x) < 10 ** -digits):
         return f"{x:.{digits}g}"
     return f"{x:.{digits}f}"
 
 
 def _difference(row):
-    if row["metric"] in ("sharpness", "fisher") and row["expect"] == "not_higher":
+    """Formatter of a row's differences: relative ones in %, the others with a sign and 4 digits."""
+    if row["expect"] == "not_higher":
         return lambda x: f"{x:+.1%}" if math.isfinite(x) else "—"
-    return lambda x: (f"{x:+.4g}" if math.isfinite(x) else "—")
+    return lambda x: f"{x:+.4g}" if math.isfinite(x) else "—"
 
 
 def markdown(rows, summary, problems, settings_lines=(), margin=FLATNESS_MARGIN):
@@ -331,7 +333,8 @@ def markdown(rows, summary, problems, settings_lines=(), margin=FLATNESS_MARGIN)
     for r in rows:
         f = _difference(r)
         ci = f"[{f(r['ci_low'])}, {f(r['ci_high'])}]" if math.isfinite(r["ci_low"]) else "—"
-        diff = f"{r['metric']}: {r['method']} vs {r['baseline']}" + (" (relative)" if r["expect"] == "not_higher" else "")
+        relative = " (relative)" if r["expect"] == "not_higher" else ""
+        diff = f"{r['metric']}: {r['method']} vs {r['baseline']}{relative}"
         lines.append(f"| {r['claim']} | {r['reading'] or '—'} | {diff} | {r['n']} | {f(r['mean'])} | {ci} | "
                      f"{_num(r['p_sign_flip'])} | **{r['verdict']}** |")
     if not rows:

@@ -11,7 +11,7 @@
 # Environment (defaults sized for about 40 minutes on 2 CPU cores, see README "Testing the paper's claims"):
 #   K=8   seed sets: the paper's 13 17 27; 113 117 127; 43 59 223, then 213 217 227; 313 317 327; ...
 #   SEED_SETS=""  an explicit list instead of K ("13 17 27;113 117 127"; at least two)
-#   METHODS="deep_ensemble sam sharpbalance sharpbalance_sharpest"
+#   METHODS="deep_ensemble sam sharpbalance sharpbalance_sharpest"   DATASETS=digits (others as in figure7.sh)
 #   OUT=runs/claims   DATA_PATH=$OUT/data (digits-C is generated there)
 #   EPOCHS=10 WIDTH=8 BATCH_SIZE=64 LR=0.1 RHO=0.2 FLAT_RATIO=0.5 INITIAL_EPOCHS=epochs/2
 #   DEVICE=cpu  JOBS=2 (runs at a time, one thread each)
@@ -25,7 +25,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/train/_common.sh"
 
 export OUT="${OUT:-runs/claims}"
-export DATASETS=digits
+export DATASETS="${DATASETS:-digits}"
 export DATA_PATH="${DATA_PATH:-$OUT/data}"
 export METHODS="${METHODS:-deep_ensemble sam sharpbalance sharpbalance_sharpest}"
 export EPOCHS="${EPOCHS:-10}"
@@ -46,8 +46,8 @@ K="${K:-8}"
 if [[ -z "${SEED_SETS:-}" ]]; then
     [[ "$K" =~ ^[0-9]+$ ]] || die "K must be a whole number of seed sets, got '$K'"
     ((K >= 2)) || die "K=$K: a confidence interval needs at least two seed sets (K >= 2; 8 by default)"
-    SEED_SETS="$("$PY" -c "import sys; sys.path.insert(0, sys.argv[1]); from reporting.claims import default_seed_sets; \
-print(';'.join(' '.join(map(str, s)) for s in default_seed_sets(int(sys.argv[2]))))" "$REPO" "$K")"
+    SEED_SETS="$("$PY" -c "import sys; sys.path.insert(0, sys.argv[1]); from reporting import claims; \
+print(';'.join(' '.join(map(str, s)) for s in claims.default_seed_sets(int(sys.argv[2]))))" "$REPO" "$K")"
 fi
 IFS=';' read -r -a sets <<<"$SEED_SETS"
 ((${#sets[@]} >= 2)) || die "SEED_SETS has ${#sets[@]} seed set(s): a confidence interval needs at least two seed sets"
@@ -62,7 +62,8 @@ env = os.environ
 cpu = platform.processor() or platform.machine()
 if os.path.exists("/proc/cpuinfo"):
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), cpu)
-settings = {"seed sets": env["SEED_SETS"], "K": len(env["SEED_SETS"].split(";")), "methods": env["METHODS"],
+settings = {"seed sets": env["SEED_SETS"], "K": len(env["SEED_SETS"].split(";")), "datasets": env["DATASETS"],
+            "methods": env["METHODS"],
             "model": f"resnet18 width {env['WIDTH']}", "epochs": env["EPOCHS"], "batch size": env["BATCH_SIZE"],
             "lr": env["LR"], "rho": env["RHO"], "flat_ratio": env["FLAT_RATIO"],
             "initial_epochs": env["INITIAL_EPOCHS"],
@@ -74,7 +75,7 @@ PYEOF
 export REPORT_EXTRA="--claims --error_bars ci95 --flatness_margin $MARGIN --settings $settings ${REPORT_EXTRA:-}"
 
 start=$SECONDS
-say "claims: ${#sets[@]} seed sets x [$METHODS] on digits / digits-C (ResNet18 width $WIDTH, $EPOCHS epochs," \
+say "claims: ${#sets[@]} seed sets x [$METHODS] on [$DATASETS] (ResNet18 width $WIDTH, $EPOCHS epochs," \
     "batch $BATCH_SIZE, rho $RHO, $JOBS jobs on $DEVICE); sharpness: $SHARPNESS_EXTRA"
 rc=0
 "$REPO/scripts/figure7.sh" || rc=$?

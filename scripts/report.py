@@ -3,7 +3,7 @@
     python scripts/report.py --results runs/figure7/results --out runs/figure7/report
 
 Reads <results>/<dataset>/<method>/<ensemble>/{predict,disagreement,variance_mse_c,APGD_worst}.json
-(scripts/figure7.sh writes them) and writes to --out:
+and fisher.json when present (scripts/figure7.sh writes them) and writes to --out:
   figure7_table.csv / .md    ensemble and mean-individual accuracy, ID (test) and OOD (-C), mean ± std
                              over ensembles, the paper's numbers and the difference; the .md also has
                              the sharpness / diversity table and the list of missing inputs
@@ -11,9 +11,13 @@ Reads <results>/<dataset>/<method>/<ensemble>/{predict,disagreement,variance_mse
   ensembles.csv              every number of every ensemble
   figure7.png                Figure 7 style: ID (top) and OOD (bottom) per dataset, bars = mean
                              individual accuracy + the ensemble's gain, error bars = std over ensembles
+                             (--error_bars ci95: the 95% t-interval of the mean)
   sharpness_diversity.png    Figure 1(c) style: x = sharpness, y = variance diversity, colour =
-                             ensemble OOD accuracy, marker = method, one point per ensemble
+                             ensemble OOD accuracy, marker = method, one point per ensemble, and each
+                             method's mean with 95% t-intervals when it has two or more ensembles
   missing.txt                missing inputs (also printed); missing inputs never stop the report
+  claims.md / .csv / .json   with --claims: the paper's claims tested on paired differences over the
+                             seed sets (reporting/claims.py); fisher.json is then required
 """
 import argparse
 import csv
@@ -146,13 +150,13 @@ def panel_bars(ax, rows, dataset, split, error_bars="std"):
                 ax.plot([x], [value], marker="_", markersize=26, markeredgewidth=2, color=colour, linestyle="none")
                 lows.append(value)
                 highs.append(value)
-        tops = [ens, ind] + [v for v in (ens + ens_err, r["paper_ensemble_acc"], r["paper_individual_acc"])
-                             if finite(v)]
+        tops = [ens, ind] + [v for v in (ens + ens_err, ind + ind_err, r["paper_ensemble_acc"],
+                                          r["paper_individual_acc"]) if finite(v)]
         ax.annotate(f"{ens:.2f}\n({ens - ind:+.2f})", (x, max(tops)), xytext=(0, 4),
                     textcoords="offset points", ha="center", va="bottom", fontsize=8)
     span = max(max(highs) - min(lows), 0.5)
     bottom = max(0.0, min(lows) - 0.35 * span)
-    ax.set_ylim(bottom, min(100.0, max(highs)) + 0.45 * span)
+    ax.set_ylim(bottom, max(highs) + 0.45 * span)  # room for the labels above the highest error bar
     ax.set_xticks(range(len(chosen)))
     ax.set_xticklabels([tick_label(r) for r in chosen], fontsize=9)
     ax.set_xlim(-0.6, len(chosen) - 0.4)
@@ -241,13 +245,13 @@ def scatter(records, datasets, methods, path):
             colours = [r["ood_ensemble_acc"] if finite(r["ood_ensemble_acc"]) else vmin for r in group]
             mappable = ax.scatter([r["sharpness"] for r in group], [r["ood_variance"] for r in group], c=colours,
                                   cmap="viridis", vmin=vmin, vmax=vmax, marker=MARKERS.get(method, "D"), s=110,
-                                  edgecolors="black", linewidths=0.8, label=rp.method_label(method))
-            if len(group) >= 2:  # the method's mean, with 95% t-intervals on both axes
+                                  edgecolors="black", linewidths=0.8, label=rp.method_label(method), zorder=2)
+            if len(group) >= 2:  # the method's mean, with 95% t-intervals on both axes, behind the points
                 (x, sx, n), (y, sy, _) = (rp.mean_std([r[k] for r in group]) for k in ("sharpness", "ood_variance"))
                 ax.errorbar(x, y, xerr=rp.ci95(sx, n), yerr=rp.ci95(sy, n), color=COLOURS.get(method, "black"),
-                            linewidth=1.8, capsize=4, zorder=3)
-                ax.scatter([x], [y], marker=MARKERS.get(method, "D"), s=260, facecolors="white",
-                           edgecolors=COLOURS.get(method, "black"), linewidths=2.5, zorder=4)
+                            linewidth=1.6, capsize=4, alpha=0.8, zorder=1)
+                ax.scatter([x], [y], marker=MARKERS.get(method, "D"), s=260, facecolors="none",
+                           edgecolors=COLOURS.get(method, "black"), linewidths=2.5, zorder=3)
         settings = sorted({setting_label(r["sharpness_setting"]) for r in points if r["sharpness_setting"]})
         ax.set_xlabel(f"sharpness: adaptive worst-case loss increase\n({'; '.join(settings)}; mean over members)")
         ax.set_ylabel(f"variance diversity on {rp.dataset_label(dataset, 'OOD')}\n(logit variance across members) →")
