@@ -213,8 +213,9 @@ def _projection_cases():
 def test_ellipsoid_projection_is_feasible_and_within_its_certified_gap(case):
     name, v, scale, rho = _projection_cases()[case]
     exact = _ellipsoid_solution(v, scale, rho)
-    d, gap = sh.EllipsoidProjection(scale)(v, rho)
-    d64, gap = d.double(), gap.item()
+    projection = sh.EllipsoidProjection(scale, rho)
+    d, _ = projection(v)
+    d64, gap = d.double(), projection.take_gap().item()
     assert sh.weighted_norm(d64, scale.double()).item() <= rho * (1 + 1e-6), name          # feasible
     assert bool((d[scale == 0] == 0).all()), name
     assert gap <= 1e-4, name
@@ -222,28 +223,41 @@ def test_ellipsoid_projection_is_feasible_and_within_its_certified_gap(case):
     assert bool(((d64 - exact).abs() <= (gap + 2e-6) * exact.abs() + 1e-30).all()), name
     assert (d64 - exact).norm().item() <= 2e-6 * exact.norm().item(), name
     if name == "inside":
-        assert torch.equal(d, torch.where(scale > 0, v, 0)) and gap == 0
+        assert torch.allclose(d, torch.where(scale > 0, v, 0), rtol=1e-6, atol=0) and gap == 0
     if name == "equal scales":  # closed form: the ball of radius 0.2·0.3, a radial scaling
         assert torch.allclose(d, v * (0.06 / v.norm()), rtol=1e-6)
 
 
+def test_a_warm_projection_inside_the_set_returns_the_point():
+    _, outside, scale, rho = _projection_cases()[0]
+    projection = sh.EllipsoidProjection(scale, rho)
+    _, mu = projection(outside)
+    inside = outside * 0.3
+    d, mu_next = projection(inside, mu)                  # starts at the outside point's μ
+    assert torch.allclose(d, torch.where(scale > 0, inside, 0), rtol=1e-6, atol=0)
+    assert mu_next.item() == mu.item() > 0                # the hint is kept for the next call
+    assert projection.take_gap().item() <= 1e-4
+
+
 def test_ellipsoid_projection_of_every_apgd_step_matches_the_float64_solution():
+    # In the loop each projection starts from the previous one's multiplier (3 steps; 4 cold).
     net = _tiny_net()
     flat = sh.FlatModel(net)
     scale = flat.w0.abs()
-    ellipsoid = sh.EllipsoidProjection(scale)
+    ellipsoid = sh.EllipsoidProjection(scale, 0.5)
     seen = []
 
-    def recording(v):
-        seen.append(v.clone())
-        return ellipsoid(v, 0.5)
+    def recording(v, start=None):
+        out = ellipsoid(v, start)
+        seen.append((v.clone(), out[0].clone(), ellipsoid.take_gap().item()))
+        return out
+    recording.take_gap = ellipsoid.take_gap
     for x, y in _batches(2):
         sh.apgd_batch(flat, x, y, 0.5, "l2", True, 20, projection=recording)
     assert len(seen) == 40
-    for v in seen:
-        d, gap = ellipsoid(v, 0.5)
+    for v, d, gap in seen:
         exact = _ellipsoid_solution(v, scale, 0.5)
-        assert gap.item() <= 1e-4
+        assert gap <= 1e-4
         assert (d.double() - exact).norm().item() <= 2e-6 * max(exact.norm().item(), 1e-12)
         # the earlier bisection lands on the same point, to its looser tolerance
         before = sh.project_l2_ellipsoid_bisection(v, scale, 0.5)
