@@ -127,9 +127,9 @@ class EllipsoidProjection:
     KKT: P(v) = v·a/(a + μ) with a = s² and μ ≥ 0 (twice the Lagrange multiplier) the root of
     r(μ) = rho, where r(μ)² = Σ g²/(a + μ)² and g = v·s; r falls from ‖v/s‖ at μ = 0 towards 0.
 
-    Search. Given the μ of a similar projection (``start``: APGD's previous step), start there;
-    cold, at the exact root for equal a's, μ₀ = ā(‖v/s‖/rho − 1) with ā = Σv²/Σ(v/s)² (0 inside the
-    set). Each step evaluates r², its slope and its curvature at μ (three passes over the vector, a
+    Search. Start at the exact root for equal a's, μ₀ = ā(‖v/s‖/rho − 1) with ā = Σv²/Σ(v/s)² (0
+    inside the set), or, given the μ of a similar projection (``start``: APGD's previous step), at
+    the geometric mean of the two. Each step evaluates r², its slope and its curvature at μ (three passes over the vector, a
     few dot products) and moves to the root of the model r² ≈ c·(b + μ)^(−k) that matches all
     three (exact when the a's with weight are all equal, k = 2; Cauchy–Schwarz keeps 0 < k ≤ 2),
     clamped to the bracket of (3) below; the last move aims a hair (1e-6) above the model's root,
@@ -177,12 +177,11 @@ class EllipsoidProjection:
         g_norm = torch.dot(g, g).sqrt()
         # (3); a negative upper end means v is inside the set (r(0) ≤ ‖g‖/a_min < rho): μ = 0
         lo, hi = (g_norm / rho - self.a_max).clamp_min(0), (g_norm / rho - self.a_min).clamp_min(0)
-        if start is None:  # cold: the root for equal a's; μ = 0 where v is inside the set
-            u = torch.div(g, self.a, out=t)                    # v/s on the set, 0 off it
-            r0sq, m1 = torch.dot(u, u), torch.dot(u, g)        # Σ(v/s)², Σv²
-            mu = torch.where(r0sq > rho * rho, m1 / r0sq * (r0sq.sqrt() / rho - 1), 0)
-        else:  # warm (a start of 0, after a cold call inside the set, says nothing: from hi)
-            mu = torch.where(start > 0, start, hi)
+        u = torch.div(g, self.a, out=t)                        # v/s on the set, 0 off it
+        r0sq, m1 = torch.dot(u, u), torch.dot(u, g)            # Σ(v/s)², Σv²
+        mu = torch.where(r0sq > rho * rho, m1 / r0sq * (r0sq.sqrt() / rho - 1), 0)
+        if start is not None:  # a start of 0 (the last calls were inside the set) says nothing
+            mu = torch.where(start > 0, (mu * start).sqrt(), mu)
         mu = mu.clamp(lo, hi)
         steps = self.steps if start is not None else self.steps + 1
         for step in range(steps):
@@ -315,7 +314,8 @@ def apgd_batch(flat, x, y, rho, norm="l2", adaptive=True, n_iters=20, restart="r
 
     The loop keeps everything on the device: the halving rule's counters and tests are tensors and
     ``torch.where`` applies them, so the host reads the batch's results once, at the end.
-    ``trace``, when a list, receives every iterate delta (for the feasibility test).
+    ``trace``, when a list, receives every iterate delta (for the feasibility test); ``projection``
+    is a projection object (``make_projection``), built here when None.
     """
     if restart not in APGD_RESTARTS:
         raise ValueError(f"unknown restart '{restart}' ({' or '.join(APGD_RESTARTS)})")
