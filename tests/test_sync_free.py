@@ -45,7 +45,7 @@ def test_training_reads_once_per_epoch(dataset, method):
     # A mask whose batches hold both kinds of samples, so the mixed step splits every batch.
     sam_mask = torch.arange(len(dataset)) % 3 != 0 if method == "mixed" else None
     counts = []
-    for steps in (2, 4):
+    for steps in (1, 2):
         with count_host_reads() as reads:
             stats = train_one_epoch(model, optimizer, loader(dataset, steps, shuffle=True, seed=1), 0,
                                     use_sam=method != "sgd", sam_mask=sam_mask, progress=False)
@@ -93,7 +93,7 @@ def test_logged_means_equal_a_step_by_step_computation(dataset):
 def test_scoring_reads_once_per_pass(dataset, backend):
     model, _ = member()
     counts = []
-    for steps in (2, 4):
+    for steps in (1, 2):
         data = loader(dataset.with_options(augment=False), steps)
         with count_host_reads() as reads:
             scores = per_sample_sharpness(model, data, "cpu", chunk_size=4, backend=backend,
@@ -107,7 +107,7 @@ def test_scoring_reads_once_per_pass(dataset, backend):
 
 def test_evaluation_and_logits_read_once_per_split(dataset):
     model, _ = member()
-    for steps in (2, 4):
+    for steps in (1, 2):
         with count_host_reads() as reads:
             loss, accuracy = evaluate(model, loader(dataset.with_options(augment=False), steps))
         assert dict(reads.counts) == ONE_COPY and np.isfinite(loss) and 0 <= accuracy <= 1
