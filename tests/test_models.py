@@ -51,7 +51,8 @@ def test_tiny_imagenet_variant_is_chosen_and_runs_at_64px():
 
 
 def test_tiny_imagenet_resnet18_with_shortcut_scales_has_the_released_parameter_count():
-    # SPEC §6: ResNet18 for 200 classes plus one scale per channel on each identity shortcut. By hand:
+    # The released model: ResNet18 for 200 classes plus one scale per channel on each identity
+    # shortcut. By hand:
     # stem 3·64·9 + 2·64 = 1,856; stage 1: 2 blocks of 2·(64·64·9 + 2·64) = 147,968; stages 2-4:
     # first block 2k·k·9 + 2k·2k·9 + 2k·k (1x1) + 3·2·2k (BN), second block 2·(2k·2k·9 + 2·2k):
     # 525,568 + 2,099,712 + 8,393,728; head 512·200 + 200 = 102,600; scales 64 + 64 + 128 + 256 + 512.
