@@ -334,3 +334,24 @@ def test_no_reference_to_a_spec_file_outside_the_repository():
                 with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as f:
                     hits += [f"{name}:{i}" for i, line in enumerate(f, 1) if needle in line]
     assert not hits
+
+
+def test_tiny_run_from_before_the_shortcut_scales_is_told_which_flag_resumes_it(tmp_path, capsys):
+    # A Tiny-ImageNet run trained without the shortcut scales by code that did not record the flag
+    # (the scales became the default later): resuming with the new default must say what to pass.
+    from tests.fixtures import make_tiny_imagenet
+    tiny_dir, _ = make_tiny_imagenet(str(tmp_path / "data"), num_classes=3, train_per_class=4, val_per_class=2)
+    run = tmp_path / "run"
+    command = ["--data", "tiny_imgnet", "--data_path", tiny_dir, "--seed", "13", "--epochs", "1",
+               "--save_path", str(run)] + TINY
+    main_script.main(command + ["--shortcut_scale", "False"])
+    path = run / "seed_13" / "checkpoint.pth.tar"
+    state = torch.load(path, weights_only=True)
+    state["run_args"].pop("shortcut_scale")
+    state.pop("shortcut_scale", None)
+    torch.save(state, path)
+    args = json.loads((run / "args.json").read_text())
+    args.pop("shortcut_scale")
+    (run / "args.json").write_text(json.dumps(args))
+    with pytest.raises(UserError, match="trained with --shortcut_scale False: pass that flag"):
+        main_script.main(command)

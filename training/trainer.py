@@ -129,7 +129,15 @@ class Member:
         try:
             self.model.load_state_dict(state["state_dict"])
         except RuntimeError as err:  # the metadata checks missed a difference (e.g. a foreign file)
-            raise UserError(f"'{path}' does not fit this command's model: {str(err).splitlines()[0][:200]}") from None
+            hint = ""
+            if self.args.data == "tiny_imgnet":
+                # Runs from before the shortcut scales became the default recorded no shortcut_scale.
+                from models.resnet_tiny import has_shortcut_scales
+                saved = has_shortcut_scales(state["state_dict"])
+                if saved != self.args.shortcut_scale:
+                    hint = f"; it was trained with --shortcut_scale {saved}: pass that flag to resume it"
+            raise UserError(f"'{path}' does not fit this command's model: "
+                            f"{str(err).splitlines()[0][:200]}{hint}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epochs_done, self.best_acc = int(state["epoch"]), float(state["best_acc"])
