@@ -1,4 +1,4 @@
-"""Ensemble metrics on arrays of logits (README, "Measuring an ensemble"), in float64 numpy.
+"""Ensemble metrics on arrays of logits (definitions: measure/README.md), in float64 numpy.
 
 Shapes: ``logits`` of one model is ``(n, C)``; a stack of members is ``(M, n, C)``; ``labels`` is
 ``(n,)`` of ints. Nothing here touches a model or a file, so every function can be checked against a

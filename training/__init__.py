@@ -1,4 +1,4 @@
-"""Training an ensemble: deep ensemble, DE + SAM, SharpBalance.
+"""Training an ensemble: deep ensemble, DE + SAM, SharpBalance (reference: training/README.md).
 
     sam.py      SAM (first_step / second_step around a base optimizer) and SharpBalance's mixed step
     scores.py   per-sample sharpness ‖∇θ CE(f(x), y)‖² of every training sample (torch.func or hooks)
@@ -6,4 +6,5 @@
     engine.py   one training epoch and one evaluation pass
     accel.py    the opt-in fast path: --amp, --channels_last, --compile
     trainer.py  the run: members phase by phase, checkpoints, resume, the split, several processes
+    run_folder.py  the run folder: lock, resume checks against the command, model_best repair
 """
