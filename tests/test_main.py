@@ -154,9 +154,11 @@ def test_non_finite_loss_names_member_and_keeps_checkpoint(tmp_path, monkeypatch
 def test_killed_run_resumes_bit_identical(tmp_path):
     args = ["--data", "digits", "--data_path", str(tmp_path / "ds"), "--epochs", "4", "--seed", "13", "17",
             "--sam", "True", "--flat_ratio", "0.5", "--initial_epochs", "1"] + TINY
-    reference = run_cli(args + ["--save_path", str(tmp_path / "reference")])
-    assert reference.returncode == 0, reference.stderr
-
+    # The reference and the run to kill at the same time, one thread each (the test's wall time on
+    # two cores; one thread gives the same numbers whatever else runs).
+    reference = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py")] + args
+                                 + ["--save_path", str(tmp_path / "reference")], cwd=ROOT, env=ENV,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     save = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py")] + args + ["--save_path", str(save)],
                                cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -171,6 +173,8 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     process.wait()
     state = torch.load(save / "seed_13" / "checkpoint.pth.tar", weights_only=True)
     assert state["epoch"] < 4, "the run finished before it could be killed"
+    _, reference_errors = reference.communicate(timeout=300)
+    assert reference.returncode == 0, reference_errors
 
     resumed = run_cli(args + ["--save_path", str(save)])
     assert resumed.returncode == 0, resumed.stderr
@@ -187,12 +191,16 @@ def test_killed_run_resumes_bit_identical(tmp_path):
 def test_torchrun_three_gloo_ranks_match_single_process(tmp_path):
     args = ["--data", "digits", "--data_path", str(tmp_path / "ds"), "--epochs", "2", "--seed", "13", "17", "27",
             "--sam", "True", "--flat_ratio", "0.5", "--initial_epochs", "0"] + TINY
-    single = run_cli(args + ["--save_path", str(tmp_path / "single")])
-    assert single.returncode == 0, single.stderr
+    # both at once (one thread per process: the same numbers whatever else runs)
+    single = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py")] + args
+                              + ["--save_path", str(tmp_path / "single")], cwd=ROOT, env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3",
                             "--master_port=29533", os.path.join(ROOT, "main.py")] + args
                            + ["--save_path", str(tmp_path / "multi")],
                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    _, single_errors = single.communicate(timeout=300)
+    assert single.returncode == 0, single_errors
     assert multi.returncode == 0, multi.stderr[-2000:]
     a = torch.load(tmp_path / "single" / "sharpbalance_split.pt", weights_only=True)
     b = torch.load(tmp_path / "multi" / "sharpbalance_split.pt", weights_only=True)
