@@ -40,8 +40,11 @@ def test_one_ctrl_c_stops_figure7(tmp_path, jobs):
                DATASETS="cifar10", METHODS=" ".join(methods), DATA_PATH=data, SEED_SETS="13", EPOCHS="200",
                WIDTH="2", BATCH_SIZE="32", DEVICE="cpu", JOBS=str(jobs))
     stdout, stderr = open(tmp_path / "stdout", "w+"), open(tmp_path / "stderr", "w+")
+    # SIGINT as a terminal leaves it: a test worker process (pytest-xdist) may ignore it, and a shell
+    # started with SIGINT ignored can never trap it, so the script would not see the Ctrl-C at all.
     proc = subprocess.Popen(["bash", os.path.join(ROOT, "scripts", "figure7.sh")], cwd=ROOT, env=env,
-                            stdout=stdout, stderr=stderr, start_new_session=True)
+                            stdout=stdout, stderr=stderr, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         running = methods[:jobs]  # JOBS=2 trains both ensembles at once
         wait_for([os.path.join(out, "runs", "cifar10", m, "seeds_13", "seed_13", "checkpoint.pth.tar")
