@@ -8,7 +8,7 @@
 #
 # It is scripts/figure7.sh (training, measurements, report) with small settings and
 # scripts/report.py --claims; rerunning resumes (finished runs and measurements are skipped).
-# Environment (defaults sized for about 40 minutes on 2 CPU cores, see README "Testing the paper's claims"):
+# Environment (defaults sized for about 45 minutes on 2 CPU cores, as measured in README "Testing the paper's claims"):
 #   K=8   seed sets: the paper's 13 17 27; 113 117 127; 43 59 223, then 213 217 227; 313 317 327; ...
 #   SEED_SETS=""  an explicit list instead of K ("13 17 27;113 117 127"; at least two)
 #   METHODS="deep_ensemble sam sharpbalance sharpbalance_sharpest"   DATASETS=digits (others as in figure7.sh)
