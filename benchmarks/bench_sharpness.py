@@ -5,7 +5,10 @@
     --repeats rounds (the order rotates each round), medians:
       * ``fwd+bwd``     loss and parameter gradients of the batch (what any ascent step needs);
       * ``apgd l2``     an adaptive-l2 APGD batch of 20 iterations (rho 0.5), divided by 20 (it
-                        includes the batch's one clean forward pass and its one read at the end);
+                        includes the batch's one clean forward pass and its one read at the end),
+                        with the device's default ellipsoid search (on a CPU: host scalars);
+      * ``apgd l2, device scalars`` the same with the search a GPU runs (0-dim device tensors,
+                        a fixed number of steps, no host reads), on this device;
       * ``apgd linf``   the same for the linf box;
       * ``apgd l2, bisection`` the l2 batch with the earlier projection (bisection, a host read per
                         step).
@@ -93,6 +96,7 @@ def part_a(args, run_dir, device):
     flat = sharpness.FlatModel(model)
     scale = flat.w0.abs()
     ellipsoid, bisection = sharpness.EllipsoidProjection(scale, 0.5), BisectionProjection(scale, 0.5)
+    on_device = sharpness.EllipsoidProjection(scale, 0.5, host_scalars=False)
     n_fb, gaps = 20, []
 
     def forward_backward():
@@ -118,13 +122,15 @@ def part_a(args, run_dir, device):
             spent[0] = 0.0
             result = sharpness.apgd_batch(flat, x, y, 0.5, norm, True, 20,
                                           projection=timed_projection if project else None)
-            if project is ellipsoid:
+            if project in (ellipsoid, on_device):
                 gaps.append(result[5])
             return 20, spent[0] / 20
         return run
 
-    cases = {"fwd+bwd": forward_backward, "apgd l2": apgd("l2", ellipsoid), "apgd linf": apgd("linf"),
+    cases = {"fwd+bwd": forward_backward, "apgd l2": apgd("l2", ellipsoid),
+             "apgd l2, device scalars": apgd("l2", on_device), "apgd linf": apgd("linf"),
              "apgd l2, bisection": apgd("l2", bisection)}
+    l2_cases = ("apgd l2", "apgd l2, device scalars", "apgd l2, bisection")
 
     def timed(fn):
         synchronize(device)
@@ -151,7 +157,10 @@ def part_a(args, run_dir, device):
     summary = {"iteration_over_fwd_bwd": median["apgd l2"] / median["fwd+bwd"],
                "linf_iteration_over_fwd_bwd": median["apgd linf"] / median["fwd+bwd"],
                "projection_share": share["apgd l2"], "bisection_share": share["apgd l2, bisection"],
+               "device_scalars_share": share["apgd l2, device scalars"],
+               "host_scalars": ellipsoid.host,
                "projection_ms": statistics.median(inner["apgd l2"]) * 1e3,
+               "device_scalars_ms": statistics.median(inner["apgd l2, device scalars"]) * 1e3,
                "bisection_ms": statistics.median(inner["apgd l2, bisection"]) * 1e3,
                "max_projection_gap": max(gaps), "parameters": flat.w0.numel()}
     print()
@@ -159,16 +168,19 @@ def part_a(args, run_dir, device):
           f"rho 0.5, {args.repeats} interleaved rounds (medians)")
     print("| per call | median ms | min ms | / fwd+bwd | projection's share |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    labels = {"fwd+bwd": "forward + backward", "apgd l2": "APGD iteration, adaptive l2",
+    default_search = "host scalars" if ellipsoid.host else "device scalars"
+    labels = {"fwd+bwd": "forward + backward", "apgd l2": f"APGD iteration, adaptive l2 ({default_search})",
+              "apgd l2, device scalars": "APGD iteration, adaptive l2 (device scalars)",
               "apgd linf": "APGD iteration, adaptive linf", "apgd l2, bisection": "APGD iteration, l2, bisection"}
     for key in cases:
-        part = f"{share[key]:.1%}" if key in ("apgd l2", "apgd l2, bisection") else ""
+        part = f"{share[key]:.1%}" if key in l2_cases else ""
         print(f"| {labels[key]} | {median[key] * 1e3:.2f} | {min(times[key]) * 1e3:.2f} | "
               f"{median[key] / median['fwd+bwd']:.2f} | {part} |")
     shares = sorted(p / t for p, t in zip(inner["apgd l2"], times["apgd l2"]))
     summary["projection_share_range"] = [shares[0], shares[-1]]
     print(f"projection: {summary['projection_ms']:.2f} ms per iteration ({summary['projection_share']:.1%}, "
           f"rounds {shares[0]:.1%} to {shares[-1]:.1%}); "
+          f"device scalars: {summary['device_scalars_ms']:.2f} ms ({summary['device_scalars_share']:.1%}); "
           f"bisection: {summary['bisection_ms']:.2f} ms ({summary['bisection_share']:.1%}); "
           f"largest certified projection gap {summary['max_projection_gap']:.1e}")
     return {"seconds": times, "projection_seconds": inner, "median_seconds": median, "summary": summary}

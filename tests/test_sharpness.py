@@ -209,16 +209,18 @@ def _projection_cases():
     return cases
 
 
+@pytest.mark.parametrize("host_scalars", [True, False], ids=["host", "device"])
 @pytest.mark.parametrize("case", range(5))
-def test_ellipsoid_projection_is_feasible_and_within_its_certified_gap(case):
+def test_ellipsoid_projection_is_feasible_and_within_its_certified_gap(case, host_scalars):
     name, v, scale, rho = _projection_cases()[case]
     exact = _ellipsoid_solution(v, scale, rho)
-    projection = sh.EllipsoidProjection(scale, rho)
+    projection = sh.EllipsoidProjection(scale, rho, host_scalars=host_scalars)
     d, _ = projection(v)
     d64, gap = d.double(), projection.take_gap().item()
     assert sh.weighted_norm(d64, scale.double()).item() <= rho * (1 + 1e-6), name          # feasible
     assert bool((d[scale == 0] == 0).all()), name
-    assert gap <= 1e-4, name
+    # the host search goes on until its certificate is at most HOST_GAP_TARGET
+    assert gap <= (sh.HOST_GAP_TARGET if host_scalars else 1e-4), name
     # certified: each coordinate between (1 - gap) and 1 times the exact one (plus float32 rounding)
     assert bool(((d64 - exact).abs() <= (gap + 2e-6) * exact.abs() + 1e-30).all()), name
     assert (d64 - exact).norm().item() <= 2e-6 * exact.norm().item(), name
@@ -228,23 +230,41 @@ def test_ellipsoid_projection_is_feasible_and_within_its_certified_gap(case):
         assert torch.allclose(d, v * (0.06 / v.norm()), rtol=1e-6)
 
 
-def test_a_warm_projection_inside_the_set_returns_the_point():
+@pytest.mark.parametrize("host_scalars", [True, False], ids=["host", "device"])
+def test_a_warm_projection_inside_the_set_returns_the_point(host_scalars):
     _, outside, scale, rho = _projection_cases()[0]
-    projection = sh.EllipsoidProjection(scale, rho)
+    projection = sh.EllipsoidProjection(scale, rho, host_scalars=host_scalars)
     _, mu = projection(outside)
     inside = outside * 0.3
     d, mu_next = projection(inside, mu)                  # starts at the outside point's μ
     assert torch.allclose(d, torch.where(scale > 0, inside, 0), rtol=1e-6, atol=0)
-    assert mu_next.item() == mu.item() > 0                # the hint is kept for the next call
+    assert float(mu_next) == float(mu) > 0                # the hint is kept for the next call
     assert projection.take_gap().item() <= 1e-4
 
 
-def test_ellipsoid_projection_of_every_apgd_step_matches_the_float64_solution():
-    # In the loop each projection starts from the previous one's multiplier (3 steps; 4 cold).
+@pytest.mark.parametrize("host_scalars", [True, False], ids=["host", "device"])
+def test_the_projection_of_zero_is_zero_cold_and_warm(host_scalars):
+    # v = 0 on the set (APGD's first step when the gradient is exactly 0): P(0) = 0 with gap 0;
+    # the device search once divided 0 by 0 there and returned NaN.
+    _, outside, scale, rho = _projection_cases()[0]
+    projection = sh.EllipsoidProjection(scale, rho, host_scalars=host_scalars)
+    zero = torch.where(scale > 0, 0.0, outside)          # entries off the set are ignored
+    d, mu = projection(zero)
+    assert bool((d == 0).all()) and float(mu) == 0 and projection.take_gap().item() == 0
+    _, warm = projection(outside)
+    projection.take_gap()
+    d, mu = projection(zero, warm)
+    assert bool((d == 0).all()) and float(mu) == float(warm) and projection.take_gap().item() == 0
+
+
+@pytest.mark.parametrize("host_scalars", [True, False], ids=["host", "device"])
+def test_ellipsoid_projection_of_every_apgd_step_matches_the_float64_solution(host_scalars):
+    # In the loop each projection starts from the previous one's multiplier (on the device: 3
+    # steps, 4 cold; on the host: until the certificate is at most HOST_GAP_TARGET).
     net = _tiny_net()
     flat = sh.FlatModel(net)
     scale = flat.w0.abs()
-    ellipsoid = sh.EllipsoidProjection(scale, 0.5)
+    ellipsoid = sh.EllipsoidProjection(scale, 0.5, host_scalars=host_scalars)
     seen = []
 
     def recording(v, start=None):
@@ -365,18 +385,42 @@ def test_an_apgd_batch_reads_the_host_once_whatever_its_length():
     net = _tiny_net()
     flat = sh.FlatModel(net)
     x, y = _batches(1)[0]
+    scale = flat.w0.abs()
     for norm, adaptive in [("l2", True), ("l2", False), ("linf", True)]:
         for restart in sh.APGD_RESTARTS:
             counts = []
             for n_iters in (4, 8):
+                # the ellipsoid's search as on a GPU (a CPU's default reads its sums: see below)
+                projection = sh.make_projection(scale, 0.5, norm, adaptive, host_scalars=False)
                 with count_host_reads() as reads:
-                    sh.apgd_batch(flat, x, y, 0.5, norm, adaptive, n_iters, restart=restart)
+                    sh.apgd_batch(flat, x, y, 0.5, norm, adaptive, n_iters, restart=restart,
+                                  projection=projection)
                 counts.append(reads.total)
             assert counts == [1, 1], (norm, adaptive, restart, reads.summary())
     for draws in (3, 6):
         with count_host_reads() as reads:
             sh.average_batch(flat, x, y, 0.5, "l2", True, draws, torch.Generator().manual_seed(0))
         assert reads.total == 1, reads.summary()
+
+
+def test_the_ellipsoid_search_reads_its_sums_on_a_cpu_only_and_both_searches_agree():
+    # A CPU tensor's number is in host memory: the default there is the host search (Python
+    # floats, an adaptive number of passes). Both searches give the same APGD result to float32's
+    # floor, on both restart rules.
+    net = _tiny_net()
+    flat = sh.FlatModel(net)
+    scale = flat.w0.abs()
+    assert sh.make_projection(scale, 0.5, "l2", True).host
+    assert not sh.make_projection(scale, 0.5, "l2", True, host_scalars=False).host
+    for restart in sh.APGD_RESTARTS:
+        for x, y in _batches(2):
+            rows = [sh.apgd_batch(flat, x, y, 0.5, "l2", True, 20, restart=restart,
+                                  projection=sh.make_projection(scale, 0.5, "l2", True, host_scalars=host))
+                    for host in (True, False)]
+            (_, _, worst_host, _, norm_host, gap_host), (_, _, worst_device, _, norm_device, gap_device) = rows
+            assert worst_host == pytest.approx(worst_device, rel=1e-5)
+            assert norm_host == pytest.approx(norm_device, rel=1e-5)
+            assert gap_host <= sh.HOST_GAP_TARGET and gap_device <= 1e-4
 
 
 def test_measure_sharpness_records_the_restart(tmp_path):
