@@ -269,7 +269,7 @@ class EllipsoidProjection:
         if not self._certificates:
             return None
         if self.host:
-            gap = self.scale.new_tensor(max(self._certificates))
+            gap = self.scale.new_tensor(self._certificates).max()   # a NaN shows, as on the device
         else:
             columns = (torch.stack(column) for column in zip(*self._certificates))
             gap = _certified_gap(_DEVICE_MATH, self.a_min, self.rho, *columns).max()
@@ -527,7 +527,7 @@ def worst_case_sharpness(model, batches, rhos=(0.5,), norms=("l2", "linf"), adap
             rows.append(row)
         init_l, init_e, worst_l, worst_e, dn, gaps = (list(c) for c in zip(*rows))
         results[sharpness_key(norm, rho)] = dict(_summary(init_l, init_e, worst_l, worst_e, dn),
-                                                 projection_gap=float(max(gaps)))
+                                                 projection_gap=float(np.max(gaps)))  # np.max: a NaN shows
     flat.restore()
     return results
 

@@ -1,5 +1,6 @@
 """Worst-case (APGD), average-case and Fisher sharpness (measure/sharpness.py)."""
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -255,6 +256,19 @@ def test_the_projection_of_zero_is_zero_cold_and_warm(host_scalars):
     projection.take_gap()
     d, mu = projection(zero, warm)
     assert bool((d == 0).all()) and float(mu) == float(warm) and projection.take_gap().item() == 0
+
+
+@pytest.mark.parametrize("host_scalars", [True, False], ids=["host", "device"])
+def test_a_nan_in_the_vector_shows_in_the_gap(host_scalars):
+    # A NaN gradient must not pass for a certified projection: the batch's gap is NaN, whichever
+    # call of the batch met it (Python's max() would have hidden it behind a later number).
+    _, outside, scale, rho = _projection_cases()[0]
+    projection = sh.EllipsoidProjection(scale, rho, host_scalars=host_scalars)
+    broken = outside.clone()
+    broken[scale > 0] = float("nan")
+    _, mu = projection(broken)
+    projection(outside, mu)
+    assert math.isnan(projection.take_gap().item())
 
 
 @pytest.mark.parametrize("host_scalars", [True, False], ids=["host", "device"])
