@@ -124,6 +124,12 @@ def _float64(t):
 HOST_GAP_TARGET = 1e-5  # the host search takes model steps until its certificate is this small
 
 
+def default_host_scalars(device):
+    """Whether the ellipsoid search on ``device`` keeps its numbers on the host by default: on a CPU
+    (where they are in host memory already), not on a GPU (see EllipsoidProjection)."""
+    return torch.device(device).type == "cpu"
+
+
 class EllipsoidProjection:
     """Euclidean projection onto E = {d : Σ (d/s)² ≤ rho², d = 0 where s = 0} for a fixed scale s.
 
@@ -170,7 +176,7 @@ class EllipsoidProjection:
     def __init__(self, scale, rho, steps=3, host_scalars=None):
         on = scale > 0
         self.scale, self.rho, self.steps = scale, float(rho), steps
-        self.host = scale.device.type == "cpu" if host_scalars is None else bool(host_scalars)
+        self.host = default_host_scalars(scale.device) if host_scalars is None else bool(host_scalars)
         self.a = torch.where(on, scale * scale, 1)             # g = 0 off the set, any a > 0 will do
         self.a_min = torch.where(on, self.a, math.inf).amin()
         self.a_max = torch.where(on, self.a, 0).amax()

@@ -452,4 +452,5 @@ def test_measure_sharpness_records_the_restart(tmp_path):
     measure_sharpness.main(common + ["--apgd_restart", "worst", "--save", str(tmp_path / "out")])
     result = json.loads((tmp_path / "out" / "APGD_worst.json").read_text())
     assert result["meta"]["apgd_restart"] == "worst"
+    assert result["meta"]["ellipsoid_search"] == "host scalars"      # a CPU's default
     assert 0 <= result["individual_sharpness"][0]["l2_0.5"]["projection_gap"] <= 1e-4
