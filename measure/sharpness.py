@@ -151,7 +151,7 @@ class EllipsoidProjection:
       ``take_gap``;
     - on a CPU (``host_scalars=True``, the default there) the sums are in host memory already and a
       float operation costs ~0.1 µs where a 0-dim tensor operation costs ~5 µs (the GPU search's
-      ~50 of them cost as much as four passes over a ResNet18's parameters), so the numbers are
+      ~50 of them cost as much as four passes over the demo's width-8 ResNet18), so the numbers are
       Python floats and the search stops as soon as its certificate is at most HOST_GAP_TARGET:
       warm calls start at the previous μ, take a model step, evaluate r (pairwise) and the slope
       there, and take another step only when the certificate asks for it (at most
