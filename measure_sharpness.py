@@ -119,7 +119,7 @@ def main(argv=None):
         batch_size=args.eval_batch_size, batch_seed=args.seed, logit_norm=args.logit_norm,
         split="train (no augmentation, eval mode)", sample_indices=indices,
         apgd_checkpoints=sharpness.apgd_checkpoints(args.n_iters),
-        ellipsoid_search="host scalars" if sharpness.default_host_scalars(device) else "device scalars")
+        ellipsoid_search=sharpness.ellipsoid_search(device))
     for mode in modes:
         individual = [measure_member(mode, m.model, batches, args, rhos, norms) for m in members]
         if mode == "fisher":

@@ -168,7 +168,7 @@ def part_a(args, run_dir, device):
           f"rho 0.5, {args.repeats} interleaved rounds (medians)")
     print("| per call | median ms | min ms | / fwd+bwd | projection's share |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    default_search = "host scalars" if ellipsoid.host else "device scalars"
+    default_search = sharpness.ellipsoid_search(device)
     labels = {"fwd+bwd": "forward + backward", "apgd l2": f"APGD iteration, adaptive l2 ({default_search})",
               "apgd l2, device scalars": "APGD iteration, adaptive l2 (device scalars)",
               "apgd linf": "APGD iteration, adaptive linf", "apgd l2, bisection": "APGD iteration, l2, bisection"}

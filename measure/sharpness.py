@@ -130,6 +130,11 @@ def default_host_scalars(device):
     return torch.device(device).type == "cpu"
 
 
+def ellipsoid_search(device):
+    """The name of the ellipsoid search ``device`` runs by default, as results record it."""
+    return "host scalars" if default_host_scalars(device) else "device scalars"
+
+
 class EllipsoidProjection:
     """Euclidean projection onto E = {d : Σ (d/s)² ≤ rho², d = 0 where s = 0} for a fixed scale s.
 
@@ -217,19 +222,16 @@ class EllipsoidProjection:
             r2 = torch.mul(p, p, out=x).sum() if step + 2 >= steps else torch.dot(p, p)
             if step + 1 == steps:
                 break
-            # Root of r² ≈ c·(b + μ)^(−k) through this point's value, slope and curvature (dot(t, t)
-            # is d²(r²)/dμ² / 6): 1/k = 1.5·r²·dot(t, t)/q² − 1, b + μ = k·r²/(2q). The one before
-            # the last aims 1e-6 above it, so that the last point lands on the feasible side.
-            c = r2 / q
-            inv_k = torch.dot(t, t).mul_(c).div_(q).mul_(1.5).sub_(1)
-            stepped = mu.addcmul(c / inv_k, (r2 / (rho * rho)) ** inv_k - 1, value=0.5)
+            # dot(t, t) is d²(r²)/dμ² / 6. The step before the last aims 1e-6 above the model's
+            # root, so that the last point lands on the feasible side.
+            stepped = _model_root(mu, r2, q, torch.dot(t, t), rho)
             mu = torch.where(q > 0, stepped, mu)               # q = 0 only when v = 0 on the set
             if step + 2 == steps:
                 mu = mu * (1 + 1e-6)
             mu = mu.clamp(lo, hi)
         r = r2.sqrt()
         c = (rho / r).clamp(max=1)
-        self._certificates.append((mu, r, g_norm, lo, hi, mu, r, q))  # the gaps: in take_gap
+        self._certificates.append((mu, r, q, g_norm, lo, hi))  # the gaps: in take_gap
         # the next call starts here, or where the last call outside the set ended
         return torch.mul(p, self.scale).mul_(c), mu if start is None else torch.where(mu > 0, mu, start)
 
@@ -251,22 +253,20 @@ class EllipsoidProjection:
         torch.div(p, x, out=t)
         q, r2, tt = torch.dot(p, t).item(), torch.dot(p, p).item(), torch.dot(t, t).item()
         for _ in range(max(self.steps, 12)):
-            c = r2 / q                                        # the model's root, as on the device
-            inv_k = 1.5 * tt * c / q - 1
-            mu = min(max((mu + 0.5 * c / inv_k * ((r2 / (rho * rho)) ** inv_k - 1)) * (1 + 1e-6), lo), hi)
+            mu = min(max(_model_root(mu, r2, q, tt, rho) * (1 + 1e-6), lo), hi)
             torch.add(self.a, mu, out=x)
             torch.div(g, x, out=p)
             r2 = torch.mul(p, p, out=t).sum().item()          # summed pairwise: it decides
+            r = math.sqrt(r2)
             torch.div(p, x, out=t)
             q = torch.dot(p, t).item()                         # −½ d(r²)/dμ
-            gap = _certified_gap(_HOST_MATH, self.a_min, rho, mu, math.sqrt(r2), g_norm, lo, hi,
-                                 mu, math.sqrt(r2), q)
+            gap = _certified_gap(_HOST_MATH, self.a_min, rho, mu, r, q, g_norm, lo, hi)
             if gap <= HOST_GAP_TARGET:
                 break
             tt = torch.dot(t, t).item()                        # d²(r²)/dμ² / 6, for one more step
         self._certificates.append(gap)
         out = torch.mul(p, self.scale)
-        c = min(rho / math.sqrt(r2), 1.0)
+        c = min(rho / r, 1.0)
         if c < 1:
             out.mul_(c)
         return out, (mu if mu > 0 else (start or 0.0))
@@ -283,18 +283,26 @@ class EllipsoidProjection:
         return gap
 
 
-_HOST_MATH = (max, min, lambda x: x if x > 0 else 0.0, lambda condition, a, b: a if condition else b)
-_DEVICE_MATH = (torch.maximum, torch.minimum, lambda x: x.clamp_min(0), torch.where)
+def _model_root(mu, r2, q, tt, rho):
+    """Root of the model r² ≈ c·(b + μ)^(−k) through r², slope −2q and curvature 6·tt at μ:
+    1/k = 1.5·r²·tt/q² − 1, b + μ = k·r²/(2q) (floats or 0-dim tensors alike)."""
+    c = r2 / q
+    inv_k = 1.5 * tt * c / q - 1
+    return mu + 0.5 * c / inv_k * ((r2 / (rho * rho)) ** inv_k - 1)
 
 
-def _certified_gap(math_ops, a_min, rho, mu, r, g_norm, lo, hi, newton_mu, newton_r, newton_q):
-    """The certificate of EllipsoidProjection at the last point (μ, r), with (1) from the point
-    (newton_mu, newton_r, newton_q) and (2) from the last point; floats or tensors alike."""
-    maximum, minimum, positive_part, where = math_ops
-    c = minimum(rho / r, 1 + 0 * r)
-    newton = newton_mu - (1 / newton_r - 1 / rho) * newton_r ** 3 / newton_q            # (1): ψ' = q/r³
-    lo = where(newton_q > 0, maximum(lo, newton), lo)      # q = 0: v = 0 on the set, μ = 0, gap 0
-    hi = minimum(hi, mu + positive_part(1 / rho - 1 / r) * g_norm)                      # (2), or μ itself
+_HOST_MATH = (max, min, lambda condition, a, b: a if condition else b)
+_DEVICE_MATH = (torch.maximum, torch.minimum, torch.where)
+
+
+def _certified_gap(math_ops, a_min, rho, mu, r, q, g_norm, lo, hi):
+    """The certificate of EllipsoidProjection at its last point (μ, r, q), floats or tensors alike."""
+    maximum, minimum, where = math_ops
+    zero = 0 * r
+    c = minimum(rho / r, 1 + zero)
+    newton = mu - (1 / r - 1 / rho) * r ** 3 / q                                        # (1): ψ' = q/r³
+    lo = where(q > 0, maximum(lo, newton), lo)             # q = 0: v = 0 on the set, μ = 0, gap 0
+    hi = minimum(hi, mu + maximum(1 / rho - 1 / r, zero) * g_norm)                      # (2), or μ itself
     # Inside the set P(v) = v is the μ = 0 end and the same bounds hold with lo = 0 (at μ = 0 the
     # gap is 0); hi from (2) means nothing there, but r ≤ rho makes it μ itself.
     low, high = (a_min + lo) / (a_min + mu), (a_min + hi) / (a_min + mu)
