@@ -261,7 +261,8 @@ def smoke(args, cfg, device):
         say(f"  torchrun --nproc_per_node=3 on one GPU (gloo collectives): {verdict}")
 
     say("fast-path flags and bad input on the device:")
-    fast_runs = [["--amp", "bf16", "--channels_last"]]
+    # main.py refuses --channels_last on a CPU (training.accel.cpu_unsafe_flag).
+    fast_runs = [["--amp", "bf16", "--channels_last"] if device.type == "cuda" else ["--amp", "bf16"]]
     if device.type == "cuda":
         fast_runs.append(["--amp", "fp16", "--channels_last"])
     for i, flags in enumerate(fast_runs):
@@ -430,6 +431,8 @@ def shared_worker(rank, members, cfg, device_name, barrier, queue):
     from training.accel import FastPath
     device = torch.device(device_name)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // members))
+    if device.type == "cpu":
+        torch.backends.mkldnn.enabled = False  # as in main(): the channels_last rows on a CPU
     for label in SHARED_LABELS:
         fast = FastPath("bf16", True, False, device) if label != "fp32" else None
         bench = Bench(cfg, device, fast, seed=rank)
@@ -643,6 +646,9 @@ def main(argv=None):
         os.environ.setdefault(COMPILE_BACKEND_ENV, "eager")
         if device.type == "cpu":
             torch.set_num_threads(1)
+            # The channels_last rows build FastPath directly; oneDNN's channels_last convolution
+            # backward corrupts memory on AVX2 CPUs, torch's own kernels run the same code safely.
+            torch.backends.mkldnn.enabled = False
     return {"smoke": smoke, "throughput": throughput, "shared": shared}[args.part](args, cfg, device) or 0
 
 

@@ -57,6 +57,12 @@ def check_fast_path(args, device):
         raise UserError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; use --amp fp16")
     if getattr(args, "compile", False) and not callable(getattr(torch, "compile", None)):
         raise UserError(f"--compile needs torch.compile (torch 2.0 or newer); this is torch {torch.__version__}")
+    if device.type == "cpu":
+        flag = cpu_unsafe_flag(args)
+        if flag:
+            raise UserError(f"{flag} is a GPU option: on a CPU it runs oneDNN's channels_last convolution "
+                            "backward, which corrupts memory on AVX2 CPUs (torch 2.14: the run aborts), and it "
+                            "brings no speed-up there; drop the flag on a CPU")
     if getattr(args, "channels_last", False) and getattr(args, "model", None):
         # The architecture alone decides; building it on the meta device allocates nothing.
         from models import create_model
@@ -64,6 +70,23 @@ def check_fast_path(args, device):
             model = create_model(args.model, 10, width=args.width or 64, dataset=getattr(args, "data", None)
                                  or getattr(args, "dataset", None))
         _check_channels_last(model, args.model)
+
+
+def cpu_unsafe_flag(args):
+    """The fast-path flag that must not run on a CPU, or None.
+
+    Both hand the convolutions to oneDNN in NHWC order: ``--channels_last`` directly, ``--compile``
+    because inductor picks channels_last for convolutions on its own. torch 2.14.1's oneDNN
+    channels_last convolution backward corrupts the heap on AVX2-only CPUs (reproduced with one
+    1x1 stride-2 convolution and one thread), and a CPU gains nothing from either flag. A compile
+    backend other than inductor (``$SHARPBALANCE_COMPILE_BACKEND``, used by the tests) keeps the
+    eager kernels and is allowed.
+    """
+    if getattr(args, "channels_last", False):
+        return "--channels_last"
+    if getattr(args, "compile", False) and os.environ.get(COMPILE_BACKEND_ENV, "inductor") == "inductor":
+        return "--compile"
+    return None
 
 
 def _check_channels_last(model, name):
