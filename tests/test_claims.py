@@ -334,6 +334,38 @@ def test_missing_seed_set_is_named_not_averaged(tmp_path):
     assert results["e"]["left_out"] == [f"{SETS[5]} (sharpbalance: no ensemble)"]
 
 
+def test_report_decides_and_writes_from_evidence_files(tmp_path, capsys):
+    """claims_report on evidence files: --decide's exit status, the tables and both figures."""
+    rows = fabricated_claims()
+    for r in rows:
+        r.update(flat_ratio=0.5 if r["method"] == "sharpbalance" else NAN,
+                 initial_epochs=9 if r["method"] == "sharpbalance" else None)
+    members = [{"epochs": 20, "width": 8, "method": r["method"], "sam_rho": r["sam_rho"], "seed_set": r["seed_set"],
+                "checkpoint": "best", "seed": int(r["seed_set"].split()[0]), "measured_epoch": 10,
+                "split_epoch": 10 if r["method"] == "sharpbalance" else None,
+                "before_split": "yes" if r["method"] == "sharpbalance" else ""} for r in rows]
+    settings = {"shared": {"training": {"data": "digits", "model": "resnet18", "batch_size": 64, "lr": 0.1,
+                                        "lrsche": "multistep", "momentum": 0.9, "weight_decay": 5e-4, "amp": "off"},
+                           "sharpness": {"batch_num": 20, "batch_size": 5, "batch_seed": 13, "adaptive": True,
+                                         "norms": ["l2"], "n_iters": 20}},
+                "settings": [], "seed_sets": SETS, "versions": {}, "collected_on": "test"}
+    folder = str(tmp_path / "evidence")
+    evidence.write(folder, rows, members, settings)
+    assert claims_report.main(["--evidence", folder, "--decide", "--out", str(tmp_path / "report")]) == 0
+    assert "control: passed at 20 epochs, width 8, SAM rho 0.2" in capsys.readouterr().out
+    tables = open(tmp_path / "report" / "claims_tables.md").read()
+    assert "| 20 | 8 | 0.2 | 12 |" in tables and "**yes** (chosen)" in tables
+    assert "SharpBalance: 12 of 12 members measured at or before the split" in tables
+    for name in ("claims_primary.png", "claims_control.png"):
+        assert os.path.getsize(tmp_path / "report" / name) > 10_000
+    flat = [dict(r, fisher=60.0) if r["method"] == "sam" else r for r in rows]  # SAM no flatter by Fisher
+    evidence.write(folder, flat, members, settings)
+    assert claims_report.main(["--evidence", folder, "--decide"]) == claims_report.NO_DECISION
+    assert "control: no setting passed" in capsys.readouterr().out
+    blocks, analysis = claims_report.render(folder, draws=100)
+    assert "Caution: the positive control does not pass in the claims setting" in blocks["primary"]
+
+
 # ------------------------------------------------------------------------------------- the committed evidence
 EVIDENCE = os.path.join(ROOT, "results", "claims")
 DOCUMENT = os.path.join(ROOT, "docs", "claims.md")
