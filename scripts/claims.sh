@@ -108,16 +108,19 @@ report() {
 
 if [[ "$mode" == control ]]; then
     read -r -a rhos <<<"$("$PY" -m reporting.claims rhos)"
+    mapfile -t cells < <("$PY" -m reporting.claims cells)
     decided=1
-    while read -r epochs width; do
+    for cell in "${cells[@]}"; do
+        read -r epochs width <<<"$cell"
         for rho in "${rhos[@]}"; do
-            run_setting "$epochs" "$width" "$rho" "deep_ensemble sam"
+            run_setting "$epochs" "$width" "$rho" "deep_ensemble sam" ||
+                die "steps failed in $(setting_dir "$epochs" "$width" "$rho") (its logs/ say which); rerun to resume"
         done
         rc=0
         report --decide || rc=$?
         if ((rc == 0)); then decided=0; break; fi
         ((rc == 3)) || die "the control's report failed (exit $rc)"
-    done < <("$PY" -m reporting.claims cells)
+    done
     say "control finished in $((SECONDS - start))s; tables: $OUT/report/claims_tables.md, figure: $OUT/report/claims_control.png"
     ((decided == 0)) || { echo "no control setting passed: claims (b)-(e) cannot be tested at this scale" >&2; exit 3; }
     exit 0
