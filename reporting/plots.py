@@ -223,11 +223,21 @@ SHORT_CLAIMS = {"a": "SAM flatter than SGD", "b": "sharper = more diverse", "c":
                 "d": "SharpBalance about as flat", "e": "SharpBalance more accurate"}
 
 
+RATIO_TICKS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0)
+
+
 def ratio_axis(ax):
-    """A log axis of ratios labelled as percentage changes (0.8 -> −20%)."""
+    """A log axis of ratios labelled as percentage changes (0.8 -> −20%), with ticks no closer than an
+    eighth of the axis (on the log scale) so that labels never overlap; call it after plotting."""
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(FixedLocator([0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.5, 2.0, 3.0,
-                                             5.0, 10.0, 20.0]))
+    low, high = ax.get_ylim()
+    spacing = math.log(high / low) / 8
+    ticks = [1.0]
+    for tick in sorted((t for t in RATIO_TICKS if low <= t <= high and t != 1.0), key=lambda t: abs(math.log(t))):
+        if all(abs(math.log(tick / t)) >= spacing for t in ticks):
+            ticks.append(tick)
+    ax.set_ylim(low, high)
+    ax.yaxis.set_major_locator(FixedLocator(sorted(ticks)))
     ax.yaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{(y - 1) * 100:+.0f}%"))
 
