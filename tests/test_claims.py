@@ -36,6 +36,11 @@ def test_t_interval_hand_worked():
     for differences in ([], [1.0]):
         with pytest.raises(ValueError, match="at least two seed sets"):
             claims.t_interval(differences)
+    d = np.random.default_rng(5).normal(0.2, 1.0, 12)
+    reference = stats.ttest_1samp(d, 0.0).confidence_interval(0.95)
+    interval = claims.t_interval(d)
+    assert (interval["low"], interval["high"]) == (pytest.approx(reference.low, abs=1e-12),
+                                                   pytest.approx(reference.high, abs=1e-12))
 
 
 def brute_sign_flip(d, alternative="two-sided", shift=0.0):
