@@ -25,7 +25,8 @@ from data import build_datasets
 from data.arrays import BatchLoader
 from models import create_model
 from training.accel import COMPILE_BACKEND_ENV, FastPath, check_fast_path, compile_unavailable
-from training.sam import SAM, mixed_step
+from training.sam import SAM
+from training.steps import mixed_step
 from utils.distributed import collective_backend, gpus_in_use
 from utils.errors import UserError
 
