@@ -14,7 +14,7 @@ import sys
 
 from data import build_datasets
 from training.accel import add_fast_path_args, check_fast_path
-from training.scores import SHARPNESS_BACKENDS
+from training.scores import SCORE_BACKENDS
 from training.method import method_name
 from training.partition import SELECT_CHOICES, SPLIT_RULE_CHOICES, TRAIN_SUBSET_CHOICES
 from utils.args import add_data_args, add_device_args, add_model_args, make_parser, parse_seeds, str2bool
@@ -55,9 +55,10 @@ def get_parser():
     sb.add_argument("--freeze_bn_on_perturbed", type=str2bool, default=False, metavar="{True,False}",
                     help="keep BatchNorm running statistics fixed on SAM's perturbed pass (release: False)")
     sb.add_argument("--score_chunk", type=int, default=64, help="samples per chunk when scoring")
-    sb.add_argument("--score_backend", default="func", choices=SHARPNESS_BACKENDS,
-                    help="per-sample gradient norms: func = torch.func vmap(grad); hooks = exact per-layer "
-                         "norms from one batched backward (about 2x faster on CPU); auto = hooks where exact")
+    sb.add_argument("--score_backend", default="func", choices=SCORE_BACKENDS,
+                    help="per-sample squared gradient norms: func = torch.func vmap(grad); hooks = exact "
+                         "per-layer norms from one batched backward (faster on a CPU, see benchmarks/README.md); "
+                         "auto = hooks where exact")
     run = parser.add_argument_group("run")
     run.add_argument("--seed", nargs="+", default=["13", "17", "27"],
                      help='one member per seed: --seed 13 17 27 or --seed "13 17 27"')

@@ -224,13 +224,13 @@ def test_compile_preconditions(monkeypatch):
 
 
 def test_scores_ignore_the_fast_path(digits):
-    from training.scores import per_sample_sharpness
+    from training.scores import squared_grad_norms
     loader = BatchLoader(digits.train_eval, 64, "cpu", subset=np.arange(64))
     scores = []
     for amp in ("off", "bf16"):
         torch.manual_seed(0)
         model = FastPath(amp).prepare(create_model("resnet18", 10, width=4, dataset="digits"))
-        scores.append(per_sample_sharpness(model, loader, "cpu", num_samples=64)[:64])
+        scores.append(squared_grad_norms(model, loader, "cpu", num_samples=64)[:64])
         assert ("forward" in model.__dict__) == (amp == "bf16")  # restored after scoring
     assert torch.equal(scores[0], scores[1])
 

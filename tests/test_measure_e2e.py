@@ -19,6 +19,7 @@ import measure_sharpness
 from fixtures import make_cifar, make_cifar_c, make_tiny_imagenet
 from models import create_model
 from measure import forward, inputs, loading, metrics, result_files
+from tests.references import logit_variance
 from utils.checkpoint import save_checkpoint
 from utils.errors import UserError, run_main
 
@@ -172,11 +173,11 @@ def test_variance_streams_to_the_direct_value(cifar, tmp_path):
     cell_logits = {s.key: cache.get(s)[0] for s in inputs.corrupted_splits(args, ["fog", "snow"])}
     every = np.concatenate(list(cell_logits.values()), axis=1)
     snow = np.concatenate([cell_logits[f"snow_{s}"] for s in range(1, 6)], axis=1)
-    assert var_c["variance_unbias"] == pytest.approx(metrics.logit_variance(every), rel=1e-5)
-    assert var_c["per_corruption"]["snow"] == pytest.approx(metrics.logit_variance(snow), rel=1e-5)
+    assert var_c["variance_unbias"] == pytest.approx(logit_variance(every), rel=1e-5)
+    assert var_c["per_corruption"]["snow"] == pytest.approx(logit_variance(snow), rel=1e-5)
     assert var_c["n"] == 10 * 24 and set(var_c["cells"]) == {f"{c}_{s}" for c in ("fog", "snow") for s in range(1, 6)}
     test_logits = cache.get(next(inputs.clean_splits(args, which=("test",))))[0]
-    assert var["variance_unbias"] == pytest.approx(metrics.logit_variance(test_logits), rel=1e-5)
+    assert var["variance_unbias"] == pytest.approx(logit_variance(test_logits), rel=1e-5)
 
 
 def test_digits_with_checkpoints_from_main(tmp_path, capsys):

@@ -1,5 +1,6 @@
-"""The SharpBalance split rules (against hand-worked sets and a brute-force set computation) and
-the per-sample sharpness backends, vmap and hooks (against one backward pass per sample)."""
+"""SharpBalance's partition rules (training/partition.py, against hand-worked sets and a brute-force
+set computation) and the per-sample squared gradient norms (training/scores.py), backends vmap and
+hooks, against one backward pass per sample."""
 import itertools
 import math
 import warnings
@@ -10,7 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.scores import per_sample_sharpness, per_sample_sharpness_loop
+from tests.references import loop_squared_grad_norms
+from training.scores import squared_grad_norms
 from training.partition import build_sam_masks, random_sam_masks, resolve_split_rule, sam_masks, selected_sets
 from utils.errors import UserError
 
@@ -156,7 +158,7 @@ def test_same_masks_identical_across_members():
         build_sam_masks(np.zeros((3, n)), ratio, train_subset="random", seeds=[1])
 
 
-# --------------------------------------------------------------------------- per-sample sharpness
+# --------------------------------------------------------------------------- squared gradient norms
 
 class IndexedDataset(torch.utils.data.Dataset):
     def __init__(self, images, targets):
@@ -196,7 +198,7 @@ def reference_scores(model, images, targets):
 
 
 @pytest.mark.parametrize("train_mode_at_entry", [True, False])
-def test_per_sample_sharpness_matches_loop(train_mode_at_entry):
+def test_squared_grad_norms_match_the_loop(train_mode_at_entry):
     torch.manual_seed(1)
     images, targets = torch.randn(23, 3, 6, 6), torch.randint(0, 5, (23,))
     model = bn_net_with_statistics(images)
@@ -207,29 +209,29 @@ def test_per_sample_sharpness_matches_loop(train_mode_at_entry):
     assert next(iter(loader))[2].tolist() != list(range(8))  # the index order really is shuffled
 
     model.train(train_mode_at_entry)
-    scores = per_sample_sharpness(model, loader, "cpu", chunk_size=3)
+    scores = squared_grad_norms(model, loader, "cpu", chunk_size=3)
     assert model.training == train_mode_at_entry
     assert scores.dtype == torch.float32 and scores.shape == (23,) and scores.device.type == "cpu"
     torch.testing.assert_close(scores, expected.float(), rtol=1e-4, atol=0)
 
-    looped = per_sample_sharpness_loop(model, loader, "cpu")
+    looped = loop_squared_grad_norms(model, loader)
     assert model.training == train_mode_at_entry
     torch.testing.assert_close(looped, expected.float(), rtol=1e-4, atol=0)
 
 
-def test_per_sample_sharpness_skips_frozen_parameters_and_checks_coverage():
+def test_squared_grad_norms_skip_frozen_parameters_and_check_coverage():
     torch.manual_seed(2)
     images, targets = torch.randn(10, 3, 6, 6), torch.randint(0, 5, (10,))
     model = bn_net_with_statistics(images)
     model[0].weight.requires_grad_(False)
     loader = torch.utils.data.DataLoader(IndexedDataset(images, targets), batch_size=4)
     expected = reference_scores(model, images, targets)
-    torch.testing.assert_close(per_sample_sharpness(model, loader, "cpu"), expected.float(),
+    torch.testing.assert_close(squared_grad_norms(model, loader, "cpu"), expected.float(),
                                rtol=1e-4, atol=0)
     partial = torch.utils.data.DataLoader(torch.utils.data.Subset(IndexedDataset(images, targets),
                                                                   range(6)), batch_size=4)
     with pytest.raises(ValueError):
-        per_sample_sharpness(model, partial, "cpu", num_samples=10)
+        squared_grad_norms(model, partial, "cpu", num_samples=10)
 
 
 # --------------------------------------------------------------------------- backends (func, hooks)
@@ -257,7 +259,7 @@ def test_backends_match_loop_on_bn_net(backend):
     model.train()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback may happen on a plain conv/bn/linear net
-        scores = per_sample_sharpness(model, loader_over(images, targets), "cpu", chunk_size=3, backend=backend)
+        scores = squared_grad_norms(model, loader_over(images, targets), "cpu", chunk_size=3, backend=backend)
     assert model.training
     assert scores.dtype == torch.float32 and scores.shape == (23,)
     torch.testing.assert_close(scores, expected.float(), rtol=1e-4, atol=0)
@@ -319,7 +321,7 @@ def test_hooks_exact_on_layers_of_every_kind():
     for backend in ("hooks", "func"):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            scores = per_sample_sharpness(model, loader_over(images, targets, batch_size=5), "cpu",
+            scores = squared_grad_norms(model, loader_over(images, targets, batch_size=5), "cpu",
                                           chunk_size=4, backend=backend)
         torch.testing.assert_close(scores, expected.float(), rtol=1e-4, atol=0)
 
@@ -358,7 +360,7 @@ def test_hooks_on_resnet18_match_loop():
     model = with_running_statistics(create_model("resnet18", 10, width=4), images)
     expected = reference_scores(model, images, targets)
     for backend in ("hooks", "func"):
-        scores = per_sample_sharpness(model, loader_over(images, targets, batch_size=4), "cpu", backend=backend)
+        scores = squared_grad_norms(model, loader_over(images, targets, batch_size=4), "cpu", backend=backend)
         torch.testing.assert_close(scores, expected.float(), rtol=1e-4, atol=0)
 
 
@@ -397,27 +399,27 @@ def test_hooks_fall_back_where_they_cannot_be_exact():
     expected = reference_scores(model, images, targets)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        scores = per_sample_sharpness(model, loader_over(images, targets), "cpu", backend="hooks")
+        scores = squared_grad_norms(model, loader_over(images, targets), "cpu", backend="hooks")
     torch.testing.assert_close(scores, expected.float(), rtol=1e-4, atol=0)
 
     # A weight used outside its layer: hooks would be wrong; auto notices, warns and uses func.
     model = WeightUsedOutsideForward()
     expected = reference_scores(model, images, targets)
     with pytest.warns(UserWarning, match="falling back"):
-        scores = per_sample_sharpness(model, loader_over(images, targets), "cpu", backend="auto")
+        scores = squared_grad_norms(model, loader_over(images, targets), "cpu", backend="auto")
     torch.testing.assert_close(scores, expected.float(), rtol=1e-4, atol=0)
     with pytest.raises(RuntimeError, match="hooks backend"):
-        per_sample_sharpness(model, loader_over(images, targets), "cpu", backend="hooks")
+        squared_grad_norms(model, loader_over(images, targets), "cpu", backend="hooks")
 
     # BatchNorm without running statistics couples the samples of a batch even in eval mode.
     torch.manual_seed(9)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
                           nn.Flatten(), nn.Linear(64, 5))
     expected = reference_scores(model, images, targets)
-    torch.testing.assert_close(per_sample_sharpness(model, loader_over(images, targets), "cpu"),
+    torch.testing.assert_close(squared_grad_norms(model, loader_over(images, targets), "cpu"),
                                expected.float(), rtol=1e-4, atol=0)
     with pytest.raises(ValueError, match="batch statistics"):
-        per_sample_sharpness(model, loader_over(images, targets), "cpu", backend="hooks")
+        squared_grad_norms(model, loader_over(images, targets), "cpu", backend="hooks")
 
 
 def test_backend_validation_and_positional_signature():
@@ -426,9 +428,9 @@ def test_backend_validation_and_positional_signature():
     model = bn_net_with_statistics(images)
     loader = loader_over(images, targets)
     with pytest.raises(ValueError, match="backend"):
-        per_sample_sharpness(model, loader, "cpu", backend="jax")
+        squared_grad_norms(model, loader, "cpu", backend="jax")
     # The call training/trainer.py makes (positional device, chunk_size/progress/num_samples keywords).
-    scores = per_sample_sharpness(model, loader, "cpu", chunk_size=2, progress=False, num_samples=5)
+    scores = squared_grad_norms(model, loader, "cpu", chunk_size=2, progress=False, num_samples=5)
     torch.testing.assert_close(scores, reference_scores(model, images, targets).float(), rtol=1e-4, atol=0)
 
 

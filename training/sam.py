@@ -108,4 +108,3 @@ class SAM(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("rho", self.defaults["rho"])
             group.setdefault("adaptive", self.defaults["adaptive"])
-

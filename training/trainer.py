@@ -29,7 +29,7 @@ from training.engine import NonFiniteLoss, evaluate, train_one_epoch
 from training.method import method_name, partition_epoch
 from training.partition import build_sam_masks, resolve_split_rule
 from training.sam import SAM
-from training.scores import per_sample_sharpness
+from training.scores import squared_grad_norms
 from training.run_folder import BEST_NAME, CHECKPOINT_NAME, SPLIT_NAME, open_run_folder
 from utils.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
 from utils.distributed import barrier, gather_member_rows, members_for_rank
@@ -217,10 +217,10 @@ def compute_split(args, members, all_seeds, splits, device, rank, world_size):
         loader = BatchLoader(splits.train_eval, args.eval_batch_size, device)
         rows = {}
         for member in members:
-            print(f"[seed {member.seed}] scoring {n} training samples (per-sample gradient norms)", flush=True)
-            rows[member.position] = per_sample_sharpness(member.model, loader, device, chunk_size=args.score_chunk,
-                                                         progress=not args.no_progress, num_samples=n,
-                                                         backend=args.score_backend)
+            print(f"[seed {member.seed}] scoring {n} training samples (per-sample squared gradient norms)", flush=True)
+            rows[member.position] = squared_grad_norms(member.model, loader, device, chunk_size=args.score_chunk,
+                                                       progress=not args.no_progress, num_samples=n,
+                                                       backend=args.score_backend, print_freq=args.print_freq)
         scores = gather_member_rows(rows, num_members, n, world_size, device)
     else:
         scores = torch.zeros(num_members, n)  # the ablations draw their subsets without scores
