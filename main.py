@@ -67,7 +67,8 @@ def get_parser():
                      help="a run to continue in a fresh --save_path (its files are copied in after the checks), "
                           "or, with --evaluate, the run to evaluate (default: --save_path; rerunning resumes)")
     run.add_argument("--evaluate", action="store_true", help="only evaluate the checkpoints (val and test)")
-    run.add_argument("--print-freq", dest="print_freq", type=int, default=50, help="progress-bar update period (batches)")
+    run.add_argument("--print-freq", dest="print_freq", type=int, default=50,
+                     help="the progress bars are redrawn every this many batches")
     run.add_argument("--no_progress", action="store_true", help="no progress bars (one summary line per epoch)")
     return parser
 
@@ -87,9 +88,10 @@ def check_args(args):
             raise UserError(f"--{flag} must be >= 0 (and finite), got {getattr(args, flag)}")
     if args.momentum >= 1:
         raise UserError(f"--momentum must be < 1 (SGD momentum), got {args.momentum}")
-    for flag in ("epochs", "batch_size", "eval_batch_size", "score_chunk", "width"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
+    for flag in ("epochs", "batch_size", "eval-batch-size", "score_chunk", "width", "print-freq"):
+        value = getattr(args, flag.replace("-", "_"))
+        if value < 1:
+            raise UserError(f"--{flag} must be a positive integer, got {value}")
     if method == "sharpbalance" and args.initial_epochs + 1 >= args.epochs:
         raise UserError(f"--initial_epochs {args.initial_epochs} with --epochs {args.epochs}: the SharpBalance "
                         "partition happens after initial_epochs+1 epochs and would never happen; "
