@@ -45,7 +45,7 @@ def get_parser():
     sb.add_argument("--flat_ratio", type=float, default=0.0,
                     help="SharpBalance: fraction k of samples each member marks (0 = plain DE / DE+SAM)")
     sb.add_argument("--initial_epochs", type=int, default=-1,
-                    help="SAM on all data for initial_epochs+1 epochs, then split once")
+                    help="SAM on all data for initial_epochs+1 epochs, then partition once")
     sb.add_argument("--train_subset", default="boosting", choices=TRAIN_SUBSET_CHOICES,
                     help="boosting = SharpBalance; random / same = the paper's ablations")
     sb.add_argument("--select", default="flattest", choices=SELECT_CHOICES,

@@ -296,7 +296,7 @@ def test_run_directory_discovery(tmp_path):
         loading.find_member_checkpoints([run], "best")
 
 
-# ----------------------------------------------------- checked before the long passes (issue 12.4)
+# ----------------------------------------------------- checked before the long passes
 def _count_passes(monkeypatch):
     calls = []
     original = forward.member_forward
@@ -357,7 +357,7 @@ def test_unwritable_save_folder_stops_before_the_first_pass(cifar, tmp_path, cap
     assert calls == []
 
 
-# --------------------------------------------------- a late failure keeps the finished splits (issue 12.4)
+# --------------------------------------------------- a late failure keeps the finished eval sets
 def _interrupt_after(monkeypatch, passes):
     """Ctrl-C (KeyboardInterrupt) at the start of pass number ``passes`` + 1."""
     calls = []
@@ -390,7 +390,7 @@ def test_interrupted_measurement_keeps_and_resumes_finished_splits(cifar, tmp_pa
     save = str(tmp_path / "parts")
     _interrupt_after(monkeypatch, 4)
     with pytest.raises(SystemExit) as exit_info:
-        run_main(script.main, argv + ["--save", save], interrupted=cli.SPLITS_INTERRUPTED)
+        run_main(script.main, argv + ["--save", save], interrupted=cli.EVAL_SETS_INTERRUPTED)
     assert exit_info.value.code == 130 and "partial.json" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(save, f"{first}.json"))  # <mode>.json always means complete
     partial = _load(os.path.join(save, f"{first}.partial.json"))
@@ -430,7 +430,7 @@ def test_changed_input_file_is_measured_again(cifar, tmp_path, monkeypatch):
     assert len(calls) == 5 + 1  # snow 1-5 again, and fog 5
 
 
-# ---------------------------------------------------------- incomplete ensembles (issue 12.6)
+# ---------------------------------------------------------- incomplete ensembles
 def _set_epoch(path, epoch):
     state = torch.load(path, weights_only=True)
     state["epoch"] = epoch
