@@ -327,9 +327,9 @@ def squared_grad_norms(model, loader, device, chunk_size=64, progress=False, num
                        print_freq=1, desc="squared gradient norms"):
     """‖∇_θ CE(f_θ(x), y)‖² of every sample of ``loader``, as float32 (N,) on the CPU.
 
-    ``loader`` yields ``(images, targets, indices)``; ``indices`` are positions in the training
-    split and say where each norm is written (N = ``len(loader.dataset)`` unless ``num_samples``;
-    every position must be yielded). The model is put in eval mode, so BatchNorm uses its running
+    ``loader`` yields ``(images, targets, indices)``; ``indices`` are positions in the dataset (the
+    training split, for the partition) and say where each norm is written (N = ``len(loader.dataset)``
+    unless ``num_samples``; every position must be yielded). The model is put in eval mode, so BatchNorm uses its running
     statistics and a sample's gradient does not depend on the other samples of its batch; its
     previous mode is restored afterwards. Samples are taken ``chunk_size`` at a time, so memory
     stays at one chunk of per-sample gradients. ``backend``: ``func``, ``hooks`` or ``auto`` (module
