@@ -18,7 +18,7 @@ Output: <save>/<mode>.json and .csv, keys <norm>_<rho>.
 """
 import numpy as np
 
-from measure import cli, inputs, result_files, sharpness
+from measure import cli, ellipsoid, inputs, result_files, sharpness
 from utils.args import str2bool
 from utils.errors import MEASURE_INTERRUPTED, UserError, run_main
 
@@ -119,7 +119,7 @@ def main(argv=None):
         batch_size=args.eval_batch_size, batch_seed=args.seed, logit_norm=args.logit_norm,
         split="train (no augmentation, eval mode)", sample_indices=indices,
         apgd_checkpoints=sharpness.apgd_checkpoints(args.n_iters),
-        ellipsoid_search=sharpness.ellipsoid_search(device))
+        ellipsoid_search=ellipsoid.ellipsoid_search(device))
     for mode in modes:
         individual = [measure_member(mode, m.model, batches, args, rhos, norms) for m in members]
         if mode == "fisher":

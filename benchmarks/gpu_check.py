@@ -324,9 +324,9 @@ class Bench:
         return steps * self.cfg["batch"]
 
     def score(self, backend):
-        from training.scores import per_sample_sharpness
+        from training.scores import squared_grad_norms
         loader = self.BatchLoader(self.score_set, self.cfg["batch"], self.device)
-        per_sample_sharpness(self.model, loader, self.device, backend=backend)
+        squared_grad_norms(self.model, loader, self.device, backend=backend)
         return len(self.score_set)
 
     def evaluate(self, n):

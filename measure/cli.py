@@ -12,9 +12,10 @@ from utils.device import select_device
 from utils.errors import UserError
 
 
-# Ctrl-C in a script that keeps finished splits in <save>/<mode>.partial.json (run_main's ``interrupted``).
-SPLITS_INTERRUPTED = ("interrupted: the splits measured so far are kept in <save>/<mode>.partial.json; "
-                      "rerun the same command to continue from them")
+# Ctrl-C in a script that keeps its finished eval sets in <save>/<mode>.partial.json (run_main's
+# ``interrupted``).
+EVAL_SETS_INTERRUPTED = ("interrupted: the eval sets measured so far are kept in <save>/<mode>.partial.json; "
+                         "rerun the same command to continue from them")
 
 
 def build_parser(description, modes, default_mode, eval_batch_size, eval_batch_help="images per forward pass",

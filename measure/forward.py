@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from measure.result_files import atomic_write
+from utils.checkpoint import atomic_write
 from training.accel import amp_tag
 
 

@@ -79,12 +79,6 @@ def _json_safe(value):
     return value
 
 
-def atomic_write(path, write, mode="w"):
-    """``write(f)`` to a temporary file beside ``path``, then rename (utils.checkpoint.atomic_write):
-    a crash leaves the old file or the new one; a full disk or read-only folder is a UserError."""
-    checkpoint.atomic_write(path, write, mode)
-
-
 def check_output_folder(path, flag="--save"):
     """Create ``path`` if needed and prove it writable with a probe file, before any long pass."""
     if os.path.exists(path) and not os.path.isdir(path):
@@ -175,7 +169,7 @@ class PartialResults:
         payload = {"complete": False, "finished_splits": list(self.splits), "meta": self.meta, "key": self.key,
                    "splits": self.splits}
         text = json.dumps(payload, indent=1, allow_nan=False)
-        atomic_write(self.path, lambda f: f.write(text + "\n"))
+        checkpoint.atomic_write(self.path, lambda f: f.write(text + "\n"), mode="w")
         self.written_at, self.dirty = time.monotonic(), False
 
     def finish(self):
@@ -194,7 +188,7 @@ def write_results(save_dir, name, payload, rows):
     """Write ``<save_dir>/<name>.json`` and ``<save_dir>/<name>.csv``; return the JSON path."""
     json_path = os.path.join(save_dir, f"{name}.json")
     text = json.dumps(_json_safe(payload), indent=1, allow_nan=False)
-    atomic_write(json_path, lambda f: f.write(text + "\n"))
+    checkpoint.atomic_write(json_path, lambda f: f.write(text + "\n"), mode="w")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
@@ -208,7 +202,7 @@ def write_results(save_dir, name, payload, rows):
         else:
             clean["value"] = repr(float(value)) if math.isfinite(float(value)) else ""
         writer.writerow(clean)
-    atomic_write(os.path.join(save_dir, f"{name}.csv"), lambda f: f.write(buffer.getvalue()))
+    checkpoint.atomic_write(os.path.join(save_dir, f"{name}.csv"), lambda f: f.write(buffer.getvalue()), mode="w")
     print(f"wrote {json_path} and {name}.csv", flush=True)
     return json_path
 

@@ -6,8 +6,8 @@ model, untouched. Each option is one switch on the model, applied once by ``Fast
 ``--amp bf16|fp16``  the model's forward runs under ``torch.autocast`` and returns float32 logits,
                      so the loss, its backward pass and the optimizer step are what they were.
                      fp16 needs a loss scale against underflow: ``FastPath.scaler`` (a torch
-                     GradScaler) is handed to ``mixed_step``, which scales each backward pass of
-                     SGD, SAM and the mixed step (see there) and skips a step whose gradient
+                     GradScaler) is handed to the steps (training/steps.py), which scale each backward
+                     pass of SGD, SAM and the mixed step and skip a step whose gradient
                      overflowed. bf16 has fp32's range and needs none.
 ``--channels_last``  parameters and activations in NHWC order (faster convolutions on tensor
                      cores); the arithmetic is the same up to the order of additions.
@@ -17,7 +17,7 @@ model, untouched. Each option is one switch on the model, applied once by ``Fast
 
 The forward is replaced on the instance (``model.forward``), so parameter names, the state_dict
 and attributes such as ``model.linear`` stay the same; ``plain_forward(model)`` gives the eager
-fp32 forward back for a block (the per-sample sharpness scores always use it, so the split does not
+fp32 forward back for a block (the per-sample scores always use it, so the partition does not
 depend on the fast path; channels_last stays, it changes only the order of additions). Apply
 ``prepare`` to the model that trains, not to a copy of it.
 """
@@ -40,7 +40,7 @@ def add_fast_path_args(parser):
     group = parser.add_argument_group("fast path (opt-in; the default is the faithful fp32 eager model)")
     group.add_argument("--amp", default="off", choices=AMP_CHOICES,
                        help="mixed precision: bf16 (Ampere or newer GPUs, also CPUs) or fp16 (GPUs, with a "
-                            "loss scale); per-sample sharpness scores stay fp32")
+                            "loss scale); the per-sample scores stay fp32")
     group.add_argument("--channels_last", action="store_true", help="NHWC memory format for the convolutions")
     group.add_argument("--compile", action="store_true",
                        help="torch.compile the model (falls back to eager with one line where it cannot)")

@@ -29,7 +29,7 @@ import sys
 import numpy as np
 import torch
 
-from training.split import resolve_split_rule
+from training.partition import resolve_split_rule
 from utils.checkpoint import TMP_PREFIX, atomic_write, copy_checkpoint, load_checkpoint
 from utils.errors import UserError
 

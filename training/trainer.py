@@ -26,9 +26,10 @@ from data import BatchLoader
 from models import create_model
 from training.accel import FastPath
 from training.engine import NonFiniteLoss, evaluate, train_one_epoch
+from training.method import method_name, partition_epoch
+from training.partition import build_sam_masks, resolve_split_rule
 from training.sam import SAM
-from training.scores import per_sample_sharpness
-from training.split import build_sam_masks, resolve_split_rule
+from training.scores import squared_grad_norms
 from training.run_folder import BEST_NAME, CHECKPOINT_NAME, SPLIT_NAME, open_run_folder
 from utils.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
 from utils.distributed import barrier, gather_member_rows, members_for_rank
@@ -41,23 +42,6 @@ METHOD_KEYS = ("data", "model", "width", "seeds", "epochs", "lr", "lrsche", "bat
                "shortcut_scale")
 LOG_FIELDS = ("epoch", "phase", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc",
               "sam_fraction", "epoch_seconds", "samples_per_second")
-
-
-def method_name(args):
-    if not args.sam:
-        return "deep_ensemble"
-    return "sharpbalance" if args.flat_ratio > 0 else "sam"
-
-
-def split_epoch(args):
-    """The epoch at whose start SharpBalance splits the data, or None when it never does.
-
-    The release checks ``epoch - 1 == initial_epochs`` at the start of each (0-indexed) epoch, so the
-    split follows initial_epochs + 1 epochs of SAM on all data (epoch 0 when initial_epochs = -1).
-    """
-    if args.sam and args.flat_ratio > 0:
-        return args.initial_epochs + 1
-    return None
 
 
 def run_arguments(args):
@@ -171,11 +155,12 @@ class Member:
 
     # ------------------------------------------------------------------------------ training
     def phase(self):
-        if not self.args.sam:
+        method = method_name(self.args)
+        if method == "deep_ensemble":
             return "sgd"
         if self.sam_mask is not None:
             return "mixed"
-        return "warm-up" if split_epoch(self.args) is not None else "sam"
+        return "warm-up" if method == "sharpbalance" else "sam"
 
     def train_until(self, end_epoch, progress=True):
         args = self.args
@@ -232,10 +217,10 @@ def compute_split(args, members, all_seeds, splits, device, rank, world_size):
         loader = BatchLoader(splits.train_eval, args.eval_batch_size, device)
         rows = {}
         for member in members:
-            print(f"[seed {member.seed}] scoring {n} training samples (per-sample gradient norms)", flush=True)
-            rows[member.position] = per_sample_sharpness(member.model, loader, device, chunk_size=args.score_chunk,
-                                                         progress=not args.no_progress, num_samples=n,
-                                                         backend=args.score_backend)
+            print(f"[seed {member.seed}] scoring {n} training samples (per-sample squared gradient norms)", flush=True)
+            rows[member.position] = squared_grad_norms(member.model, loader, device, chunk_size=args.score_chunk,
+                                                       progress=not args.no_progress, num_samples=n,
+                                                       backend=args.score_backend, print_freq=args.print_freq)
         scores = gather_member_rows(rows, num_members, n, world_size, device)
     else:
         scores = torch.zeros(num_members, n)  # the ablations draw their subsets without scores
@@ -254,7 +239,7 @@ def compute_split(args, members, all_seeds, splits, device, rank, world_size):
 
 def run_training(args, splits, device, rank=0, world_size=1):
     """Train this rank's members of the ensemble, phase by phase; returns them."""
-    split_at = split_epoch(args)
+    split_at = partition_epoch(args)
     # SIGTERM (a scheduler stopping the job, torchrun tearing down its workers) becomes SystemExit,
     # so the finally below releases the folder's lock even on another host's rerun of the job.
     main_thread = threading.current_thread() is threading.main_thread()

@@ -48,7 +48,8 @@ def add_data_args(parser, flag="--data"):
                        help="Tiny-ImageNet validation: holdout = 10%% of train (paper); "
                             "official = the official val folder, also the test set (release)")
     group.add_argument("--num-workers", dest="num_workers", type=int, default=0,
-                       help="data-loading worker processes (0 = load in the main process)")
+                       help="accepted for compatibility with the released commands; has no effect "
+                            "(images are served from memory, no loader processes)")
     return group
 
 

@@ -45,3 +45,8 @@ def host_to_device(tensor, device):
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def float64_on(device):
+    """The widest float dtype ``device`` has: float64, or float32 on MPS (which has no float64)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
