@@ -96,8 +96,8 @@ def check_fast_path(args, device):
             raise UserError("--cuda_graphs with --compile: a compiled forward is not captured in the step's graphs "
                             "(it recompiles for new sub-batch sizes, which a capture cannot do); use one of them")
         if amp == "fp16":
-            raise UserError("--cuda_graphs with --amp fp16: the fp16 loss scale is read on the host every step, which a "
-                            "CUDA graph cannot replay; use --amp bf16 (no loss scale) or drop --cuda_graphs")
+            raise UserError("--cuda_graphs with --amp fp16: the fp16 loss scale is read on the host every step, which "
+                            "a CUDA graph cannot replay; use --amp bf16 (no loss scale) or drop --cuda_graphs")
         if device.type != "cuda":
             print(f"warning: --cuda_graphs needs a CUDA GPU and this run is on {device.type}: every step runs "
                   "eagerly", file=sys.stderr, flush=True)

@@ -18,14 +18,16 @@ the member trained alone or sequentially (tests/test_lockstep.py), and a resume 
 order the members were interrupted in: each continues from its own checkpoint, also from
 different epochs.
 
-Streams (CUDA only): before the first step every member stream waits for the current stream,
-where the models, their resumed state and the data were put on the device; each member's steps
-and end-of-epoch work are then queued on its stream (what they allocate belongs to that stream, and
-the host reads in the epoch's end wait for that stream only). At the end the current stream waits
-for every member stream, so what follows on it (scoring at the SharpBalance partition, the next
-phase) sees finished models. The data a loader slices is copied to the device from pageable memory,
-which returns only when the copy is complete, so a member stream can read data another member's
-first step placed there.
+Streams (CUDA only). The trainer gives each member a stream with ``--lockstep``, and also with
+``--cuda_graphs`` alone (members one after the other are then each run here alone), so that a
+member's graphs are captured on the stream its warm-up steps ran on. Before the first step every
+member stream waits for the current stream, where the models, their resumed state and everything
+the members share were put on the device (the trainer makes the loaders' shared device data there
+first: made on one member's stream, another's could read it before it is written). Each member's
+steps and end-of-epoch work are then queued on its own stream: what they allocate belongs to that
+stream, and the host reads at the end of an epoch wait for that stream only. At the end the
+current stream waits for every member stream, so what follows on it (scoring at the SharpBalance
+partition, the next phase) sees finished models.
 """
 import contextlib
 

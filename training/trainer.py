@@ -10,7 +10,9 @@ The run is laid out as
 
 Why phase by phase: SharpBalance's split needs every member's scores at the same epoch. Training
 all members to the split, scoring, splitting, then training all to the end means no process ever
-waits on a barrier for another member, and one process can train the whole ensemble.
+waits on a barrier for another member, and one process can train the whole ensemble. Within a
+phase the members of a process train one after the other, or with ``--lockstep`` side by side,
+step by step (training/lockstep.py); each member's numbers are the same either way.
 """
 import csv
 import os
@@ -25,7 +27,7 @@ import torch
 from data import BatchLoader
 from models import create_model
 from training.accel import FastPath
-from training.engine import NonFiniteLoss, evaluate, run_to_end, train_epoch_steps
+from training.engine import NonFiniteLoss, evaluate, train_epoch_steps
 from training.graphs import member_graphs
 from training.method import method_name, partition_epoch
 from training.partition import build_sam_masks, resolve_split_rule
@@ -165,11 +167,9 @@ class Member:
             return "mixed"
         return "warm-up" if method == "sharpbalance" else "sam"
 
-    def train_until(self, end_epoch, progress=True):
-        run_to_end(self.training(end_epoch, progress))
-
     def training(self, end_epoch, progress=True):
-        """``train_until`` as a generator that yields after every training step (for lockstep)."""
+        """Train until ``end_epoch`` epochs are done; a generator that yields after every training
+        step, so that members can take turns (training/lockstep.py), and returns at the end."""
         args = self.args
         while self.epochs_done < end_epoch:
             epoch = self.epochs_done
@@ -302,7 +302,10 @@ def _train_members(args, splits, device, rank, world_size, split_at):
         if member.resume():
             print(f"[seed {member.seed}] resumed after epoch {member.epochs_done}", flush=True)
     score_backend = choose_score_backend(args, members, splits, device, split_at)
-    streams = member_streams(device, len(members)) if args.lockstep else None
+    # On CUDA, members in lockstep or with graph-captured steps queue their work on a stream each
+    # (a capture runs on the stream its warm-up steps ran on); otherwise everything stays on the
+    # current stream, as without these options.
+    streams = member_streams(device, len(members)) if args.lockstep or args.cuda_graphs else [None] * len(members)
     boundaries = [split_at, args.epochs] if split_at is not None else [args.epochs]
     for boundary in boundaries:
         failures = [_failure(member, err) for member, err in _train_phase(args, members, boundary, streams)]
@@ -319,26 +322,23 @@ def _train_members(args, splits, device, rank, world_size, split_at):
 
 
 def _train_phase(args, members, boundary, streams):
-    """Train every member up to epoch ``boundary``, one after the other or in lockstep (``streams``
-    not None); returns ``[(member, NonFiniteLoss)]`` for the members that stopped on one (the others
-    carry on)."""
+    """Train every member up to epoch ``boundary``: all in lockstep (``--lockstep``), else one after
+    the other; member i's work is queued on ``streams[i]`` (None: the current stream). Returns
+    ``[(member, NonFiniteLoss)]`` for the members that stopped on one (the others carry on)."""
     progress = not args.no_progress
-    if streams is not None:
+    if any(stream is not None for stream in streams):
         # What the members' loaders share and create on first use (the split's images on the device,
         # the normalisation constants) is made here, on the current stream, which the member streams
-        # wait for: made by one member's stream it could be read by another's before it is there.
+        # wait for: made on one member's stream it could be read by another's before it is there.
         for member in members:
             for loader in (member.train_loader, member.val_loader):
                 next(iter(loader), None)
-        results = run_in_lockstep([member.training(boundary, progress) for member in members], streams,
-                                  catch=NonFiniteLoss)
-        return [(member, err) for member, (_, err) in zip(members, results) if err is not None]
+    groups = [list(range(len(members)))] if args.lockstep else [[i] for i in range(len(members))]
     stopped = []
-    for member in members:
-        try:
-            member.train_until(boundary, progress=progress)
-        except NonFiniteLoss as err:
-            stopped.append((member, err))
+    for group in groups:
+        results = run_in_lockstep([members[i].training(boundary, progress) for i in group],
+                                  [streams[i] for i in group], catch=NonFiniteLoss)
+        stopped += [(members[i], err) for i, (_, err) in zip(group, results) if err is not None]
     return stopped
 
 
