@@ -261,3 +261,60 @@ def test_cpu_stand_in_runs_the_function_it_is_given():
     calls = []
     replay = run_on_static(lambda: calls.append(1) or len(calls), None)
     assert calls == [] and replay() == 1 and replay() == 2
+
+
+class FakeStream:
+    def __init__(self, name):
+        self.name = name
+        self.device = torch.device("cpu")
+
+
+def test_cuda_capture_stream_choice_and_restore(monkeypatch):
+    """cuda_capture's own logic with torch.cuda stood in for: on the default stream torch.cuda.graph
+    picks its side stream (stream=None), on a member's stream that stream is captured on, a replay
+    returns what the recorded function returned, and a failed capture leaves the caller's stream current."""
+    import training.graphs as graphs_module
+    default, member_stream = FakeStream("default"), FakeStream("member")
+    state = {"current": default, "set": [], "graphs": []}
+
+    class FakeGraph:
+        def __init__(self):
+            self.replays = 0
+
+        def replay(self):
+            self.replays += 1
+
+    class FakeGraphContext:
+        def __init__(self, graph, pool=None, stream=None):
+            state["graphs"].append((graph, pool, stream))
+
+        def __enter__(self):
+            self.previous = state["current"]
+            state["current"] = FakeStream("capture")  # torch.cuda.graph makes its capture stream current
+
+        def __exit__(self, kind, value, traceback):
+            if kind is None:
+                state["current"] = self.previous
+            # on an error ending the capture fails and the capture stream stays current (torch 2.14)
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", FakeGraphContext)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: state["current"])
+    monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: default)
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: state.update(current=stream))
+
+    outputs = (torch.zeros(()), torch.ones(()))
+    replay = graphs_module.cuda_capture(lambda: outputs, "pool")
+    graph, pool, stream = state["graphs"][-1]
+    assert pool == "pool" and stream is None and graph.replays == 0
+    assert replay() is outputs and graph.replays == 1
+
+    state["current"] = member_stream
+    graphs_module.cuda_capture(lambda: outputs, "pool")
+    assert state["graphs"][-1][2] is member_stream
+
+    def fails():
+        raise RuntimeError("operation not permitted when stream is capturing")
+    with pytest.raises(RuntimeError, match="not permitted"):
+        graphs_module.cuda_capture(fails, "pool")
+    assert state["current"] is member_stream

@@ -153,3 +153,59 @@ def test_run_in_lockstep_interleaves_and_returns_each_value():
     with pytest.raises(KeyError):  # not in catch: propagates
         run_in_lockstep([run("a", 1), broken()], catch=ArithmeticError)
     assert member_streams("cpu", 3) == [None, None, None]
+
+
+def test_member_streams_wait_for_the_current_stream_and_back(monkeypatch):
+    """run_in_lockstep's stream handling with torch.cuda stood in for: every member stream waits for
+    the current stream before the first step, each step is queued inside its member's stream, and
+    the current stream waits for every member stream at the end, also when a run fails."""
+    events = []
+
+    class FakeStream:
+        def __init__(self, name):
+            self.name, self.device = name, torch.device("cpu")
+
+        def wait_stream(self, other):
+            events.append(("wait", self.name, other.name))
+
+    current = FakeStream("current")
+
+    class On:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            events.append(("enter", self.stream.name))
+
+        def __exit__(self, *exc):
+            events.append(("exit", self.stream.name))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+    monkeypatch.setattr(torch.cuda, "stream", On)
+
+    def run(name, steps):
+        for step in range(steps):
+            events.append(("step", name, step))
+            yield
+        if name == "b":
+            raise ArithmeticError("b failed")
+    results = run_in_lockstep([run("a", 2), run("b", 1)], [FakeStream("sa"), FakeStream("sb")],
+                              catch=ArithmeticError)
+    assert results[0] == (None, None) and isinstance(results[1][1], ArithmeticError)
+    assert events == [
+        ("wait", "sa", "current"), ("wait", "sb", "current"),
+        ("enter", "sa"), ("step", "a", 0), ("exit", "sa"), ("enter", "sb"), ("step", "b", 0), ("exit", "sb"),
+        ("enter", "sa"), ("step", "a", 1), ("exit", "sa"), ("enter", "sb"), ("exit", "sb"),
+        ("enter", "sa"), ("exit", "sa"),
+        ("wait", "current", "sa"), ("wait", "current", "sb")]
+
+
+def test_lockstep_and_graphs_do_not_belong_to_the_run(tmp_path, capsys):
+    """Recorded in args.json, but a run started with them may be continued without them (and back)."""
+    import json
+    common = ["--data_path", str(tmp_path / "ds"), "--seed", "13", "--save_path", str(tmp_path / "run")] + TINY
+    main_script.main(common + ["--epochs", "1", "--lockstep", "--cuda_graphs"])
+    recorded = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert recorded["lockstep"] is True and recorded["cuda_graphs"] is True
+    main_script.main(common + ["--epochs", "1"])  # the same run, without them: not refused
+    assert checkpoint(str(tmp_path / "run"), 13)["epoch"] == 1
+    assert "error" not in capsys.readouterr().err
