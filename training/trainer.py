@@ -88,6 +88,7 @@ class Member:
             milestones = [int(args.epochs / 2), int(args.epochs * 3 / 4)]
             self.scheduler = torch.optim.lr_scheduler.MultiStepLR(base, milestones=milestones, gamma=0.1)
         self.graphs = member_graphs(args, self.model, self.optimizer, device)  # --cuda_graphs (None: eager)
+        self.stream = None  # a CUDA stream of its own with --lockstep or --cuda_graphs (_train_members)
         self.train_loader = BatchLoader(splits.train, args.batch_size, device, shuffle=True, seed=seed)
         self.val_loader = BatchLoader(splits.val, args.eval_batch_size, device)
         # best_epoch: the epoch model_best.pth.tar holds (0 = none yet); None for checkpoints from
@@ -166,6 +167,10 @@ class Member:
         if self.sam_mask is not None:
             return "mixed"
         return "warm-up" if method == "sharpbalance" else "sam"
+
+    def train_until(self, end_epoch, progress=True):
+        """Train until ``end_epoch`` epochs are done, on the member's stream if it has one."""
+        run_in_lockstep([self.training(end_epoch, progress)], [self.stream])
 
     def training(self, end_epoch, progress=True):
         """Train until ``end_epoch`` epochs are done; a generator that yields after every training
@@ -305,10 +310,12 @@ def _train_members(args, splits, device, rank, world_size, split_at):
     # On CUDA, members in lockstep or with graph-captured steps queue their work on a stream each
     # (a capture runs on the stream its warm-up steps ran on); otherwise everything stays on the
     # current stream, as without these options.
-    streams = member_streams(device, len(members)) if args.lockstep or args.cuda_graphs else [None] * len(members)
+    if args.lockstep or args.cuda_graphs:
+        for member, stream in zip(members, member_streams(device, len(members))):
+            member.stream = stream
     boundaries = [split_at, args.epochs] if split_at is not None else [args.epochs]
     for boundary in boundaries:
-        failures = [_failure(member, err) for member, err in _train_phase(args, members, boundary, streams)]
+        failures = [_failure(member, err) for member, err in _train_phase(args, members, boundary)]
         if failures:
             raise UserError(" | ".join(failures))
         if boundary == split_at:
@@ -321,24 +328,28 @@ def _train_members(args, splits, device, rank, world_size, split_at):
     return members
 
 
-def _train_phase(args, members, boundary, streams):
+def _train_phase(args, members, boundary):
     """Train every member up to epoch ``boundary``: all in lockstep (``--lockstep``), else one after
-    the other; member i's work is queued on ``streams[i]`` (None: the current stream). Returns
-    ``[(member, NonFiniteLoss)]`` for the members that stopped on one (the others carry on)."""
+    the other, each on its own stream if it has one. Returns ``[(member, NonFiniteLoss)]`` for the
+    members that stopped on one (the others carry on)."""
     progress = not args.no_progress
-    if any(stream is not None for stream in streams):
+    if any(member.stream is not None for member in members):
         # What the members' loaders share and create on first use (the split's images on the device,
         # the normalisation constants) is made here, on the current stream, which the member streams
         # wait for: made on one member's stream it could be read by another's before it is there.
         for member in members:
             for loader in (member.train_loader, member.val_loader):
                 next(iter(loader), None)
-    groups = [list(range(len(members)))] if args.lockstep else [[i] for i in range(len(members))]
+    if args.lockstep:
+        results = run_in_lockstep([member.training(boundary, progress) for member in members],
+                                  [member.stream for member in members], catch=NonFiniteLoss)
+        return [(member, err) for member, (_, err) in zip(members, results) if err is not None]
     stopped = []
-    for group in groups:
-        results = run_in_lockstep([members[i].training(boundary, progress) for i in group],
-                                  [streams[i] for i in group], catch=NonFiniteLoss)
-        stopped += [(members[i], err) for i, (_, err) in zip(group, results) if err is not None]
+    for member in members:
+        try:
+            member.train_until(boundary, progress=progress)
+        except NonFiniteLoss as err:
+            stopped.append((member, err))
     return stopped
 
 
