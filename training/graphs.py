@@ -50,8 +50,9 @@ without running them, so after a failed capture the step runs eagerly from the s
 
 On a CPU (tests only) ``capture`` is ``run_on_static``: capturing keeps the function and replaying
 runs it on the static buffers. Tests check the keys, the cache, the bound, the recapture on a new
-lr, the static-buffer copy (bit for bit equal to the eager step) and the fallback without a GPU;
-benchmarks/gpu_check.py compares the real graphs with the eager step on a GPU.
+lr, the static-buffer copy (bit for bit equal to the eager step) and the fallback without a GPU.
+That real CUDA graphs replay the eager step's arithmetic can only be checked on a GPU
+(training/README.md says what has been).
 """
 import sys
 
