@@ -27,7 +27,6 @@ projection  wall time of a 200-epoch 3-member run per method on CIFAR-10, CIFAR-
 """
 import argparse
 import contextlib
-import csv
 import io
 import json
 import os
@@ -44,6 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from training.accel import COMPILE_BACKEND_ENV  # noqa: E402
+from utils import run_folder  # noqa: E402
 
 # Relative. Two devices round differently and digits runs separate chaotically (ReLU inputs at zero on
 # the uniform background flip): with --lr 0.01, 2 epochs, width 8, a pure rounding change on one CPU
@@ -133,11 +133,8 @@ def run_quietly(main_fn, argv, log_path):
 
 
 def last_log_rows(run_dir, seeds):
-    rows = {}
-    for seed in seeds:
-        with open(os.path.join(run_dir, f"seed_{seed}", "log.csv"), newline="") as f:
-            rows[seed] = list(csv.DictReader(f))[-1]
-    return rows
+    return {seed: run_folder.read_log(run_folder.member_file(run_dir, seed, run_folder.LOG_NAME))[0][-1]
+            for seed in seeds}
 
 
 def torchrun_one_device(main_args, run, single_run, timeout, ranks=3):
@@ -156,8 +153,7 @@ def torchrun_one_device(main_args, run, single_run, timeout, ranks=3):
         return entry, "FAILED: " + (done.stderr.strip().splitlines() or ["no output"])[-1]
     verdict = f"ok ({entry['seconds']}s)"
     if single_run:
-        a, b = (torch.load(os.path.join(r, "sharpbalance_split.pt"), weights_only=True)["sam_masks"]
-                for r in (run, single_run))
+        a, b = (run_folder.read_split(r)["sam_masks"] for r in (run, single_run))
         entry["mask_entries_differing_from_one_process"] = int((a != b).sum())
         verdict += f"; split masks differ from the one-process run in {int((a != b).sum())} entries"
     return entry, verdict
@@ -213,7 +209,7 @@ def smoke(args, cfg, device):
             continue
         entry = {}
         if method == "sharpbalance":
-            masks = [torch.load(os.path.join(r, "sharpbalance_split.pt"), weights_only=True) for r in (a, b)]
+            masks = [run_folder.read_split(r) for r in (a, b)]
             differ = int((masks[0]["sam_masks"] != masks[1]["sam_masks"]).sum())
             scores = [m["scores"].double() for m in masks]
             entry["mask_entries_differing"] = differ

@@ -106,3 +106,9 @@ def build_digits_c(root):
             array = np.concatenate([corrupt(clean, name, s, digits_c_seed(name, s)) for s in SEVERITIES])
         _save_atomic(os.path.join(directory, name + ".npy"), array)
     return directory
+
+
+if __name__ == "__main__":
+    # python -m data.digits ROOT: build digits-C once (scripts/figure7.sh, before the measurements).
+    import sys
+    print("digits-C in", build_digits_c(sys.argv[1]))
