@@ -63,6 +63,7 @@ def modes_to_measure(args, modes, sources):
     --skip_finished a mode whose result was measured from the same arguments and files is left out,
     with a line saying so; checked before any model or data is loaded. ``sources``: the data files
     the script reads (``inputs.data_sources``)."""
+    check_seed(args)
     paths = find_member_checkpoints(args.resume, args.checkpoint)
     device_type = select_device(args.device).type
     keys = {mode: result_files.result_key(args, mode, paths, sources, device_type) for mode in modes}
@@ -76,6 +77,11 @@ def modes_to_measure(args, modes, sources):
     return todo, keys
 
 
+def check_seed(args):
+    if not 0 <= args.seed < 2 ** 32:
+        raise UserError(f"--seed {args.seed} is out of range: use an integer from 0 to {2 ** 32 - 1}")
+
+
 def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -85,8 +91,7 @@ def set_seed(seed):
 def open_run(args, min_members=1):
     """Seed, output folders, device and members: the start every measure script shares, all
     checked before the first long pass."""
-    if not 0 <= args.seed < 2 ** 32:
-        raise UserError(f"--seed {args.seed} is out of range: use an integer from 0 to {2 ** 32 - 1}")
+    check_seed(args)
     set_seed(args.seed)
     if args.eval_batch_size is not None and args.eval_batch_size < 1:
         raise UserError(f"--eval-batch-size must be positive, got {args.eval_batch_size}")
