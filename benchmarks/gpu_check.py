@@ -23,7 +23,7 @@ throughput  ResNet18 (width 64) on 45,000 synthetic 32x32 images resident on the
 shared      three members training at once on the device (three processes, started together phase by
             phase): aggregate images/s and peak memory per process, fp32 and bf16 + channels_last.
 projection  wall time of a 200-epoch 3-member run per method on CIFAR-10, CIFAR-100 and Tiny-ImageNet
-            and of the whole Figure 7 (27 runs), next to the issue's goals.
+            and of the whole Figure 7 (27 runs), next to the goals set for one H200.
 """
 import argparse
 import contextlib
@@ -609,7 +609,7 @@ def projection(args):
     shared_names = [n for n in result["settings"] if "sharing" in n and not n.startswith("fp32")]
     c10_fast = result["settings"][shared_names[0]]["CIFAR-10 sharpbalance"] if shared_names else None
     best_f7 = min(t["figure7"] for t in result["settings"].values())
-    say("goals (issue 9, one H200):")
+    say("goals (one H200):")
     say(f"  CIFAR-10 SharpBalance, 3 members, fp32:                 goal < {GOALS['cifar10_sharpbalance_fp32_h']:.1f} h, "
         f"projected {c10_fp32:.2f} h" if c10_fp32 is not None else "  CIFAR-10 fp32: no projection")
     say(f"  CIFAR-10 SharpBalance, fast path + 3 members sharing:   goal < {GOALS['cifar10_sharpbalance_fast_shared_h']:.1f} h, "

@@ -35,7 +35,7 @@ def software_versions():
     versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                 "platform": platform.platform()}
     try:
-        # Read the installed version without importing torchvision (an import costs ~2 s).
+        # Read the installed version without importing torchvision (a slow import).
         from importlib.metadata import PackageNotFoundError, version
         versions["torchvision"] = version("torchvision")
     except (ImportError, PackageNotFoundError):  # pragma: no cover

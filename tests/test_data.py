@@ -177,7 +177,7 @@ def test_batch_loader_is_a_pure_function_of_seed_and_epoch(tmp_path):
     assert torch.equal(labels, torch.from_numpy(train.labels)[indices])
 
 
-# ------------------------------------------------------------------ bad data: refuse or warn (issue 12.5)
+# ------------------------------------------------------------------ bad data: refuse or warn
 def _rewrite_cifar_batch(root, name, change):
     import pickle
     path = os.path.join(root, "cifar-10-batches-py", name)

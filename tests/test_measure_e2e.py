@@ -295,7 +295,7 @@ def test_run_directory_discovery(tmp_path):
         loading.find_member_checkpoints([run], "best")
 
 
-# ----------------------------------------------------- checked before the long passes (issue 12.4)
+# ----------------------------------------------------- checked before the long passes
 def _count_passes(monkeypatch):
     calls = []
     original = forward.member_forward
@@ -356,7 +356,7 @@ def test_unwritable_save_folder_stops_before_the_first_pass(cifar, tmp_path, cap
     assert calls == []
 
 
-# --------------------------------------------------- a late failure keeps the finished splits (issue 12.4)
+# --------------------------------------------------- a late failure keeps the finished splits
 def _interrupt_after(monkeypatch, passes):
     """Ctrl-C (KeyboardInterrupt) at the start of pass number ``passes`` + 1."""
     calls = []
@@ -429,7 +429,7 @@ def test_changed_input_file_is_measured_again(cifar, tmp_path, monkeypatch):
     assert len(calls) == 5 + 1  # snow 1-5 again, and fog 5
 
 
-# ---------------------------------------------------------- incomplete ensembles (issue 12.6)
+# ---------------------------------------------------------- incomplete ensembles
 def _set_epoch(path, epoch):
     state = torch.load(path, weights_only=True)
     state["epoch"] = epoch

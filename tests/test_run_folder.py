@@ -125,7 +125,7 @@ def test_sigkill_between_checkpoint_and_best_is_repaired(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     last, best = meta(save / "seed_13" / "checkpoint.pth.tar"), meta(save / "seed_13" / "model_best.pth.tar")
-    # The state the issue describes: the checkpoint says epoch 2 is the best, model_best holds epoch 1.
+    # What a kill between the two writes leaves: the checkpoint says epoch 2 is the best, model_best holds epoch 1.
     assert (last["epoch"], last["best_epoch"], best["epoch"]) == (2, 2, 1) and last["best_acc"] > best["best_acc"]
     lock = json.loads((save / ".lock").read_text())
     assert lock["pid"] != os.getpid() and lock["host"] == socket.gethostname()
