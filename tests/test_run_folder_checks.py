@@ -19,7 +19,6 @@ import torch
 import main as main_script
 import measure_diversity
 import measure_sharpness
-from utils import run_folder
 from utils.errors import UserError
 
 ARGS = "args.json"
