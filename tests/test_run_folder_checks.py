@@ -29,9 +29,13 @@ SB = ["--data", "digits", "--seed", "13", "17", "--epochs", "1", "--sam", "True"
       "--initial_epochs", "-1", "--train_subset", "random"] + TINY
 
 
+# Runs whose numbers are compared go through fresh processes with one thread each: the test process's
+# torch settings may have been changed by other tests.
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+
+
 def run_python(args, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable] + args, cwd=ROOT, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable] + args, cwd=ROOT, env=ENV, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -128,9 +132,12 @@ def test_damaged_log_lines_after_a_kill_are_set_aside_and_the_run_resumes(tmp_pa
     """A real SIGKILL before epoch 3's checkpoint, then a line cut short and NUL bytes, as a crash while
     appending leaves on some file systems: the rerun resumes and ends where an uninterrupted run does."""
     argv = ["--data", "digits", "--seed", "13", "--epochs", "3", "--data_path", str(tmp_path / "ds")] + TINY
+    reference = subprocess.Popen([sys.executable, "main.py"] + argv + ["--save_path", str(tmp_path / "reference")],
+                                 cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     killed = run_python(["tests/kill_at.py", "training.trainer.save_checkpoint", "3", "main.py"] + argv +
                         ["--save_path", str(tmp_path / "run")])
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-2000:]
     log = tmp_path / "run" / "seed_13" / "log.csv"
     rows = log.read_bytes().splitlines(keepends=True)
     assert len(rows) == 4 and rows[3].startswith(b"3,")  # epoch 3 logged, its checkpoint not written
@@ -138,8 +145,9 @@ def test_damaged_log_lines_after_a_kill_are_set_aside_and_the_run_resumes(tmp_pa
     with open(log, "ab") as f:
         f.write(b"".join(garbage))
 
-    main_script.main(argv + ["--save_path", str(tmp_path / "run")])
-    main_script.main(argv + ["--save_path", str(tmp_path / "reference")])
+    resumed = run_python(["main.py"] + argv + ["--save_path", str(tmp_path / "run")])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"note: 3 line(s) of '{log}' could not be read as log rows" in resumed.stdout
     assert log.read_bytes().splitlines()[:3] == [r.rstrip(b"\r\n") for r in rows[:3]]
     assert [r.split(b",")[0] for r in log.read_bytes().splitlines()[1:]] == [b"1", b"2", b"3"]
     assert (tmp_path / "run" / "seed_13" / "log.csv.damaged").read_bytes() == b"".join(garbage)
@@ -198,7 +206,8 @@ def test_split_missing_past_it_is_refused_and_before_it_rescored(tmp_path):
     saved = torch.load(a / "sharpbalance_split.pt", weights_only=True)
     shutil.copytree(a, b)
     os.remove(b / "sharpbalance_split.pt")
-    main_script.main(argv + ["--save_path", str(b)])
+    resumed = run_python(["main.py"] + argv + ["--save_path", str(b)])
+    assert resumed.returncode == 0 and "scoring" in resumed.stdout, resumed.stderr[-2000:]
     again = torch.load(b / "sharpbalance_split.pt", weights_only=True)
     assert torch.equal(again["scores"], saved["scores"]) and torch.equal(again["sam_masks"], saved["sam_masks"])
     assert torch.load(b / "seed_17" / "checkpoint.pth.tar", weights_only=True)["epoch"] == 2

@@ -155,11 +155,11 @@ def verify_archive(path):
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
+        what = f"entry '{bad}' fails its CRC check: the bytes changed after the file was written"
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
-        bad = f"{type(err).__name__}: {str(err)[:80]}"
+        bad, what = True, f"its zip directory cannot be read: {type(err).__name__}: {str(err)[:80]}"
     if bad is not None:
-        raise UserError(f"'{path}' is damaged (entry '{bad}' fails its CRC check: the bytes changed after "
-                        f"the file was written); {_damage_advice(path)}")
+        raise UserError(f"'{path}' is damaged ({what}); {_damage_advice(path)}")
     _INTACT.add(key)
 
 
@@ -178,7 +178,7 @@ def read_split(run):
         verify_archive(path)
     try:
         split = torch.load(path, weights_only=True)
-        split["sam_masks"]
+        split["sam_masks"]  # a file without masks is no split
     except Exception as err:  # noqa: BLE001 - a damaged or foreign file
         raise UserError(f"'{path}' cannot be read as a SharpBalance split ({type(err).__name__}); "
                         "damaged, or not written by main.py") from None
