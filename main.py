@@ -80,6 +80,10 @@ def check_args(args):
         raise UserError(str(err)) from None
     if not args.seeds:
         raise UserError("--seed needs at least one seed")
+    outside = [s for s in args.seeds if not 0 <= s < 2 ** 32]
+    if outside:
+        raise UserError(f"--seed {outside[0]} is out of range: seeds are integers from 0 to {2 ** 32 - 1} "
+                        "(numpy seeds each member's initialisation with it)")
     if len(set(args.seeds)) != len(args.seeds):
         raise UserError(f"--seed has duplicates ({' '.join(map(str, args.seeds))}); members need distinct seeds")
     method = method_name(args)  # refuses a --flat_ratio outside [0, 1), or one without --sam True

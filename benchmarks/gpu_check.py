@@ -23,11 +23,10 @@ throughput  ResNet18 (width 64) on 45,000 synthetic 32x32 images resident on the
 shared      three members training at once on the device (three processes, started together phase by
             phase): aggregate images/s and peak memory per process, fp32 and bf16 + channels_last.
 projection  wall time of a 200-epoch 3-member run per method on CIFAR-10, CIFAR-100 and Tiny-ImageNet
-            and of the whole Figure 7 (27 runs), next to the issue's goals.
+            and of the whole Figure 7 (27 runs), next to the goals set for one H200.
 """
 import argparse
 import contextlib
-import csv
 import io
 import json
 import os
@@ -44,6 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from training.accel import COMPILE_BACKEND_ENV  # noqa: E402
+from utils import run_folder  # noqa: E402
 
 # Relative. Two devices round differently and digits runs separate chaotically (ReLU inputs at zero on
 # the uniform background flip): with --lr 0.01, 2 epochs, width 8, a pure rounding change on one CPU
@@ -133,11 +133,8 @@ def run_quietly(main_fn, argv, log_path):
 
 
 def last_log_rows(run_dir, seeds):
-    rows = {}
-    for seed in seeds:
-        with open(os.path.join(run_dir, f"seed_{seed}", "log.csv"), newline="") as f:
-            rows[seed] = list(csv.DictReader(f))[-1]
-    return rows
+    return {seed: run_folder.read_log(run_folder.member_file(run_dir, seed, run_folder.LOG_NAME))[0][-1]
+            for seed in seeds}
 
 
 def torchrun_one_device(main_args, run, single_run, timeout, ranks=3):
@@ -156,8 +153,7 @@ def torchrun_one_device(main_args, run, single_run, timeout, ranks=3):
         return entry, "FAILED: " + (done.stderr.strip().splitlines() or ["no output"])[-1]
     verdict = f"ok ({entry['seconds']}s)"
     if single_run:
-        a, b = (torch.load(os.path.join(r, "sharpbalance_split.pt"), weights_only=True)["sam_masks"]
-                for r in (run, single_run))
+        a, b = (run_folder.read_split(r)["sam_masks"] for r in (run, single_run))
         entry["mask_entries_differing_from_one_process"] = int((a != b).sum())
         verdict += f"; split masks differ from the one-process run in {int((a != b).sum())} entries"
     return entry, verdict
@@ -213,7 +209,7 @@ def smoke(args, cfg, device):
             continue
         entry = {}
         if method == "sharpbalance":
-            masks = [torch.load(os.path.join(r, "sharpbalance_split.pt"), weights_only=True) for r in (a, b)]
+            masks = [run_folder.read_split(r) for r in (a, b)]
             differ = int((masks[0]["sam_masks"] != masks[1]["sam_masks"]).sum())
             scores = [m["scores"].double() for m in masks]
             entry["mask_entries_differing"] = differ
@@ -613,7 +609,7 @@ def projection(args):
     shared_names = [n for n in result["settings"] if "sharing" in n and not n.startswith("fp32")]
     c10_fast = result["settings"][shared_names[0]]["CIFAR-10 sharpbalance"] if shared_names else None
     best_f7 = min(t["figure7"] for t in result["settings"].values())
-    say("goals (issue 9, one H200):")
+    say("goals (one H200):")
     say(f"  CIFAR-10 SharpBalance, 3 members, fp32:                 goal < {GOALS['cifar10_sharpbalance_fp32_h']:.1f} h, "
         f"projected {c10_fp32:.2f} h" if c10_fp32 is not None else "  CIFAR-10 fp32: no projection")
     say(f"  CIFAR-10 SharpBalance, fast path + 3 members sharing:   goal < {GOALS['cifar10_sharpbalance_fast_shared_h']:.1f} h, "

@@ -50,7 +50,7 @@ def test_every_part_runs_on_a_cpu(gpu_check, tmp_path, monkeypatch, capsys):
                            "--out", out, "--parts", "projection"], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     text = done.stdout
-    assert text.index("=== projection") < text.index("whole Figure 7") < text.index("goals (issue 9")
+    assert text.index("=== projection") < text.index("whole Figure 7") < text.index("goals (one H200)")
     assert "goal < 1.0 h" in text and "goal < 24 h" in text
 
     # The projection's arithmetic, by hand: a deep ensemble on CIFAR-10 in fp32, members one after

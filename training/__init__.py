@@ -8,5 +8,5 @@
     engine.py      one training epoch and one evaluation pass
     accel.py       the opt-in fast path: --amp, --channels_last, --compile
     trainer.py     the run: members phase by phase, checkpoints, resume, the partition, several processes
-    run_folder.py  the run folder: lock, resume checks against the command, model_best repair
+(The run folder it writes, its lock and its checks: utils/run_folder.py.)
 """
