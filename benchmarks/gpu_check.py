@@ -14,9 +14,9 @@ smoke       main.py on digits for the three methods (lr 0.01; SharpBalance split
             epoch, so both devices score the same initial weights) on --device and on the CPU, the
             three measure scripts, agreement (identical split masks, final losses within
             SMOKE_LOSS_TOLERANCE), repeatability (a run killed after its first checkpoint and resumed
-            against a straight run, bit for bit, under --cudnn deterministic and the default), torchrun
-            with 3 ranks on one device, the fast-path flags, bad input. TF32 is off during the smoke
-            run so that the comparison is fp32 against fp32.
+            against a straight run, bit for bit, under --cudnn deterministic and the default), the
+            fast-path flags, bad input, then torchrun with 3 ranks on one device with what is left.
+            TF32 is off in this process so that the agreement compares fp32 with fp32.
 throughput  the project's rows (PROJECT_ROWS) of this part, each ResNet18 width 64 on 45,000 synthetic
 cudnn       32x32 images resident on the device, batch 128: the SGD, SAM and mixed (f = 0.8) steps
 compile     timed over an epoch (see measure_epoch), scoring (func, hooks) and evaluation; peak memory.
@@ -343,16 +343,16 @@ def repeatability(flags, out, settings, timeout):
                     if first[(s, "killed")] == -signal.SIGKILL and first[(s, "straight")] == 0}, end)
     found = {}
     for setting in settings:
-        texts = {name: open(os.path.join(logs, f"repeat_{setting}_{name}.log")).read()
-                 for name in ("straight", "killed", "resumed") if os.path.isfile(os.path.join(logs, f"repeat_{setting}_{name}.log"))}
+        paths = [os.path.join(logs, f"repeat_{setting}_{name}.log") for name in ("straight", "killed", "resumed")]
+        texts = [open(path).read() for path in paths if os.path.isfile(path)]
         if first[(setting, "straight")] != 0 or first[(setting, "killed")] != -signal.SIGKILL \
                 or resumed.get((setting, "killed")) != 0:
             codes = (first[(setting, "straight")], first[(setting, "killed")], resumed.get((setting, "killed")))
-            found[setting] = ({"error": f"exit statuses {codes}"},
-                              f"FAILED: exit statuses straight/killed/resumed {codes} (expected 0, -9, 0; logs in {logs})")
+            found[setting] = ({"error": f"exit statuses {codes}"}, f"FAILED: exit statuses straight/killed/resumed "
+                                                                   f"{codes} (expected 0, -9, 0; logs in {logs})")
             continue
         identical, worst, what = compare_runs(folder[(setting, "straight")], folder[(setting, "killed")])
-        warned = sum(NONDETERMINISTIC_WARNING in text for text in texts.values())
+        warned = sum(NONDETERMINISTIC_WARNING in text for text in texts)
         entry = {"identical": identical, "max_abs_difference": worst, "compared": what,
                  "nondeterministic_op_warnings": warned}
         verdict = ("bit-identical" if identical else f"NOT identical (largest difference {worst:.3g})") + f" ({what})"
@@ -460,17 +460,10 @@ def smoke(args, cfg, device):
             "against a straight run; fresh processes):")
         found, _ = isolated("repeatability", repeatability, common + methods["sharpbalance"]
                             + ["--device", str(device), "--epochs", "2"], out, settings,
-                            timeout=max(10, deadline.left() - 45 if device.type == "cuda" else deadline.left() - 5))
+                            timeout=max(10, deadline.left() - 12))
         for setting, (entry, verdict) in (found or {}).items():
             result["repeatability"][setting] = entry
             say(f"  --cudnn {setting:13s} {verdict}")
-
-    if device.type == "cuda" and deadline.allows(40, "torchrun with 3 ranks on one GPU"):
-        run = os.path.join(out, "torchrun", "sharpbalance")
-        entry, verdict = torchrun_one_device(common + methods["sharpbalance"] + ["--device", str(device)], run, sb,
-                                             timeout=max(10, deadline.left() - 5))
-        result["torchrun_3_ranks_one_gpu"] = entry
-        say(f"  torchrun --nproc_per_node=3 on one GPU (gloo collectives): {verdict}")
 
     say("fast-path flags and bad input on the device:")
     # main.py refuses --channels_last on a CPU (training.accel.cpu_unsafe_flag).
@@ -487,6 +480,13 @@ def smoke(args, cfg, device):
                                os.path.join(out, "logs", "bad_input.log"))
         result["bad_input"][label] = error
         say(f"  {label:22s} -> {error}")
+    # Last: three processes starting CUDA take the longest, and the previous check ran it already.
+    if device.type == "cuda" and deadline.allows(25, "torchrun with 3 ranks on one GPU"):
+        run = os.path.join(out, "torchrun", "sharpbalance")
+        entry, verdict = torchrun_one_device(common + methods["sharpbalance"] + ["--device", str(device)], run, sb,
+                                             timeout=max(10, deadline.left() - 2))
+        result["torchrun_3_ranks_one_gpu"] = entry
+        say(f"  torchrun --nproc_per_node=3 on one GPU (gloo collectives): {verdict}")
     save_part(args.out, "smoke", result)
 
 
@@ -719,7 +719,8 @@ def measure_phase(bench, phase, cfg):
 
 
 def describe_epoch(got):
-    run = "whole epoch" if not got["extrapolated"] else f"{got['steps_run']}/{got['steps']} steps run, rest extrapolated"
+    run = (f"{got['steps_run']}/{got['steps']} steps run, rest extrapolated" if got["extrapolated"]
+           else "whole epoch")
     per_size = "n/a" if got["new_size_s"] is None else f"{got['new_size_s']:.3f} s"
     return (f"epoch 1 {got['first_epoch_s']:7.2f} s ({run}); later epochs {got['warm_epoch_s']:7.2f} s = "
             f"{got['img_per_s']:7.0f} img/s; {got['new_sizes']} new sizes, {per_size} each")
@@ -777,6 +778,15 @@ def project_part(part):
         def save():
             save_part(args.out, part, result)
 
+        if part == "throughput":  # first: a few seconds, and every Tiny-ImageNet projection needs them
+            say("Tiny-ImageNet shape (64x64, 200 classes), SGD only, for the projections' cost ratio:")
+            for kind, (label, flags) in TINY_ROWS.items():
+                if not deadline.allows(0 if args.quick else 6, label):
+                    continue
+                got, error = isolated(label, tiny_row, cfg, device, flags)
+                tiny[kind] = dict(got or {"error": error}, label=label)
+                if got:
+                    say(f"  {label:28s} sgd         {got['img_per_s']:10.0f} img/s   peak {gib(got['peak_gib'])}")
         chosen = [row for row in PROJECT_ROWS if row.part == part]
         say(f"{part}: ResNet18 width {cfg['width']}, {cfg['images']} synthetic 32x32 images resident on {device}, "
             f"batch {cfg['batch']}, mixed f = {cfg['mixed_fraction']}; rows: {', '.join(r.label for r in chosen)}")
@@ -789,15 +799,6 @@ def project_part(part):
             else:
                 rows[row.label]["skipped"] = list(row.phases)
             save()
-        if part == "throughput":
-            say("Tiny-ImageNet shape (64x64, 200 classes), SGD only, for the projections' cost ratio:")
-            for kind, (label, flags) in TINY_ROWS.items():
-                if not deadline.allows(0 if args.quick else 6, label):
-                    continue
-                got, error = isolated(label, tiny_row, cfg, device, flags)
-                tiny[kind] = dict(got or {"error": error}, label=label)
-                if got:
-                    say(f"  {label:28s} sgd         {got['img_per_s']:10.0f} img/s   peak {gib(got['peak_gib'])}")
         save()
         return 0
     return run
@@ -1104,8 +1105,8 @@ def comparisons(summary):
     rows, reference_rows = merged_rows(summary), parts.get("reference", {}).get("rows", {})
     shared_rows = parts.get("shared", {}).get("rows", {})
     kinds = {row.label: row.kind for row in PROJECT_ROWS}
-    pairs = [(f"{row.label} / {row.reference}", row.kind, 1, rows.get(row.label, {}), reference_rows.get(row.reference, {}),
-              "img_per_s") for row in PROJECT_ROWS if row.reference]
+    pairs = [(f"{row.label} / {row.reference}", row.kind, 1, rows.get(row.label, {}),
+              reference_rows.get(row.reference, {}), "img_per_s") for row in PROJECT_ROWS if row.reference]
     pairs += [(f"{label}, 3 processes sharing / {ref}", kinds[label], 3, shared_rows.get(label, {}),
                reference_rows.get(ref, {}), "aggregate_img_per_s") for label, ref in SHARED_REFERENCE.items()]
     pairs += [(f"bf16+channels_last / {CEILING}", "ceiling", 1, rows.get("bf16+channels_last", {}),
@@ -1123,24 +1124,17 @@ def verdict(met):
     return "met" if met else "NOT MET"
 
 
-def projection(args, cfg):
-    summary = read_summary(args.out)
-    parts = summary["parts"]
-    rows = merged_rows(summary)
-    fraction = cfg["mixed_fraction"]
-    result = {"settings": {}, "cudnn": {}, "versus_reference": [], "goals": []}
+def print_projections(summary, fraction, result):
     settings = projection_settings(summary)
     if not settings:
         say("projection: no complete project row to project from")
-        save_part(args.out, "projection", result)
-        return 0
-    tiny = tiny_ratios(summary)
-    result["tiny_ratio"] = tiny
-    source = parts.get("throughput", {}).get("gpu") or parts.get("throughput", {}).get("device")
+        return
+    tiny = result["tiny_ratio"] = tiny_ratios(summary)
+    throughput = summary["parts"].get("throughput", {})
     say(f"projection: 200 epochs, 3 members, validation every epoch, SharpBalance split after 101 SAM epochs, "
-        f"batch {PROJECTED_BATCH}, mixed f = {fraction} (from {source}; Tiny-ImageNet cost per image = CIFAR's x "
-        f"{tiny['faithful']:.2f} faithful / x {tiny['fast']:.2f} fast, measured on SGD; cuDNN's per-size work once "
-        "per run, for the expected number of distinct sizes)")
+        f"batch {PROJECTED_BATCH}, mixed f = {fraction} (from {throughput.get('gpu') or throughput.get('device')}; "
+        f"Tiny-ImageNet cost per image = CIFAR's x {tiny['faithful']:.2f} faithful / x {tiny['fast']:.2f} fast, "
+        "measured on SGD; cuDNN's per-size work once per run, for the expected number of distinct sizes)")
     for setting in settings:
         kind = setting["kind"]
         table = project_runs(setting, lambda d, kind=kind: tiny[kind] if d["side"] == 64 else 1.0, fraction)
@@ -1151,52 +1145,60 @@ def projection(args, cfg):
         say(f"    whole Figure 7 (27 runs + {table['measure_h']:.1f} h of -C forward passes; APGD not counted): "
             f"{table['figure7']:.1f} h")
 
-    # The --cudnn settings side by side (fp32): one member's epochs and 200-epoch runs on CIFAR-10.
-    say("--cudnn settings, fp32, one member on CIFAR-10 (epoch 1 pays cuDNN's work for every new size):")
-    cifar10 = DATASETS["CIFAR-10"]
+
+def print_cudnn_settings(summary, fraction, result):
+    """The faithful rows (the --cudnn settings, fp32) side by side: one member on CIFAR-10."""
+    rows, cifar10 = merged_rows(summary), DATASETS["CIFAR-10"]
+    say("--cudnn settings, fp32, one member on CIFAR-10, epoch 1 (with cuDNN's work for every new size) / later "
+        "epochs, and 200 epochs of each method:")
     for row in PROJECT_ROWS:
         if row.kind != "faithful" or row.label not in rows:
             continue
+        entry = {p: rows[row.label][p] for p in TRAIN_PHASES if ok(rows[row.label].get(p))}
+        line = "  ".join(f"{p} {e['first_epoch_s']:.1f}/{e['warm_epoch_s']:.1f} s" for p, e in entry.items())
         got = row_rates(row.label, rows)
-        epochs = {p: rows[row.label].get(p) for p in TRAIN_PHASES}
-        line = "  ".join(f"{p} {e['first_epoch_s']:.1f}/{e['warm_epoch_s']:.1f} s" for p, e in epochs.items() if ok(e))
-        entry = {p: e for p, e in epochs.items() if ok(e)}
         if got:
             rates, new_size_s = got
             hours = {m: (member_seconds(rates, cifar10, m, 1.0)
                          + new_size_s * run_sizes(m, cifar10["train"], fraction)) / 3600 for m in METHODS}
             entry["member_200_epochs_h"] = hours
-            line += "  | 200 epochs: " + "  ".join(f"{m} {h:.2f} h" for m, h in hours.items())
+            line += "  | " + "  ".join(f"{m} {h:.2f} h" for m, h in hours.items())
         result["cudnn"][row.label] = entry
-        say(f"  {row.label:26s} epoch 1 / later: {line or 'no epochs measured'}")
+        say(f"  {row.label:26s} {line or 'no epochs measured'}")
 
-    # The project against the bare reference, per phase (img/s over img/s, measured in this run).
-    say("project / reference (img/s over img/s, per phase):")
+
+def print_versus_reference(summary, result):
+    say("project / reference (img/s over img/s, per phase, measured in this run):")
     result["versus_reference"] = comparisons(summary)
     for pair in result["versus_reference"]:
         say(f"  {pair['name']:90s} " + "  ".join(f"{p} {r:.2f}" for p, r in pair["ratios"].items()))
 
+
+def print_goals(summary, result):
+    rows, goals = merged_rows(summary), result["goals"]
     say("goals (one H200, this run's figures):")
-    goals = result["goals"]
 
-    def goal(what, target, value, met, unit=""):
+    def goal(what, target, value, met):
         goals.append({"goal": what, "target": target, "measured": value, "met": met})
-        shown = "not measured" if value is None else f"{value:.2f}{unit}"
-        say(f"  {what:74s} goal {target}, measured {shown}: {verdict(met) if value is not None else 'UNKNOWN'}")
+        shown = "not measured: UNKNOWN" if value is None else f"measured {value:.2f}: {verdict(met)}"
+        say(f"  {what:74s} goal {target}, {shown}")
 
-    for row in PROJECT_ROWS:
-        got = rows.get(row.label, {})
-        if ok(got.get("mixed")) and ok(got.get("sam")):
-            ratio = got["mixed"]["img_per_s"] / got["sam"]["img_per_s"]
-            first = (got["sam"]["first_epoch_s"] / got["mixed"]["first_epoch_s"])
-            goal(f"mixed step img/s / SAM img/s, {row.label} (epoch 1: {first:.2f})", f">= {GOALS['mixed_over_sam']}",
-                 ratio, ratio >= GOALS["mixed_over_sam"])
+    measured = [row for row in PROJECT_ROWS if all(ok(rows.get(row.label, {}).get(p)) for p in ("sam", "mixed"))]
+    for row in measured:
+        got = rows[row.label]
+        ratio = got["mixed"]["img_per_s"] / got["sam"]["img_per_s"]
+        first = got["sam"]["first_epoch_s"] / got["mixed"]["first_epoch_s"]
+        goal(f"mixed step img/s / SAM img/s, {row.label} (epoch 1: {first:.2f})", f">= {GOALS['mixed_over_sam']}",
+             ratio, ratio >= GOALS["mixed_over_sam"])
+    if not measured:
+        goal("mixed step img/s / SAM img/s, every setting", f">= {GOALS['mixed_over_sam']}", None, False)
     for members in (1, 3):
         candidates = [pair["ratios"] for pair in result["versus_reference"]
                       if pair["kind"] == "fast" and pair["members"] == members]
         for phase in ("sgd", "sam"):
             best = max((r[phase] for r in candidates if phase in r), default=None)
-            goal(f"fast path {phase.upper()} / bare CUDA-graph reference, {'one member' if members == 1 else '3 members'}",
+            who = "one member" if members == 1 else "3 members"
+            goal(f"fast path {phase.upper()} / bare CUDA-graph reference, {who}",
                  f">= {GOALS['fast_over_reference']}", best, best is not None and best >= GOALS["fast_over_reference"])
     faithful = result["settings"].get("fp32, members one after another", {}).get("CIFAR-10 sharpbalance")
     goal("CIFAR-10 SharpBalance, 3 members, 200 epochs, faithful defaults (minutes)",
@@ -1210,6 +1212,16 @@ def projection(args, cfg):
     best_f7 = min((t["figure7"] for t in fast), default=None)
     goal("whole Figure 7, fast path (hours)", f"<= {GOALS['figure7_fast_h']:.0f}", best_f7,
          best_f7 is not None and best_f7 <= GOALS["figure7_fast_h"])
+
+
+def projection(args, cfg):
+    """Every section on its own: one that fails prints one line and the others still print."""
+    summary = read_summary(args.out)
+    result = {"settings": {}, "cudnn": {}, "versus_reference": [], "goals": []}
+    isolated("projections", print_projections, summary, cfg["mixed_fraction"], result)
+    isolated("--cudnn settings", print_cudnn_settings, summary, cfg["mixed_fraction"], result)
+    isolated("project / reference", print_versus_reference, summary, result)
+    isolated("goals", print_goals, summary, result)
     save_part(args.out, "projection", result)
     return 0
 

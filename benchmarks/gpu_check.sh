@@ -4,7 +4,7 @@
 #   1. smoke       main.py on digits (3 methods, SharpBalance split) on the GPU and on the CPU, the three
 #                  measure scripts, agreement (same split masks, final losses within 10%), repeatability
 #                  (killed + resumed against straight, bit for bit, --cudnn deterministic and the
-#                  default), torchrun with 3 ranks on one GPU, the fast-path flags, bad device input
+#                  default), the fast-path flags, bad device input, torchrun with 3 ranks on one GPU
 #   2. throughput  the project's rows: ResNet18 width 64, 45,000 CIFAR-shaped images on the GPU, batch
 #                  128: SGD, SAM and mixed (f = 0.8) steps over an epoch (epoch 1 with cuDNN's per-size
 #                  work, later epochs), scoring (func, hooks), evaluation; fp32 (the defaults), bf16 +
