@@ -723,7 +723,8 @@ def describe_epoch(got):
            else "whole epoch")
     per_size = "n/a" if got["new_size_s"] is None else f"{got['new_size_s']:.3f} s"
     return (f"epoch 1 {got['first_epoch_s']:7.2f} s ({run}); later epochs {got['warm_epoch_s']:7.2f} s = "
-            f"{got['img_per_s']:7.0f} img/s; {got['new_sizes']} new sizes, {per_size} each")
+            f"{got['img_per_s']:7.0f} img/s; {got['new_sizes']} new size{'' if got['new_sizes'] == 1 else 's'}, "
+            f"{per_size} each")
 
 
 def measure_row(row, cfg, device, deadline, entry, save):
@@ -778,6 +779,9 @@ def project_part(part):
         def save():
             save_part(args.out, part, result)
 
+        chosen = [row for row in PROJECT_ROWS if row.part == part]
+        say(f"{part}: ResNet18 width {cfg['width']}, {cfg['images']} synthetic 32x32 images resident on {device}, "
+            f"batch {cfg['batch']}, mixed f = {cfg['mixed_fraction']}; rows: {', '.join(r.label for r in chosen)}")
         if part == "throughput":  # first: a few seconds, and every Tiny-ImageNet projection needs them
             say("Tiny-ImageNet shape (64x64, 200 classes), SGD only, for the projections' cost ratio:")
             for kind, (label, flags) in TINY_ROWS.items():
@@ -787,11 +791,8 @@ def project_part(part):
                 tiny[kind] = dict(got or {"error": error}, label=label)
                 if got:
                     say(f"  {label:28s} sgd         {got['img_per_s']:10.0f} img/s   peak {gib(got['peak_gib'])}")
-        chosen = [row for row in PROJECT_ROWS if row.part == part]
-        say(f"{part}: ResNet18 width {cfg['width']}, {cfg['images']} synthetic 32x32 images resident on {device}, "
-            f"batch {cfg['batch']}, mixed f = {cfg['mixed_fraction']}; rows: {', '.join(r.label for r in chosen)}")
-        say("  (SGD, SAM and mixed: a first pass over the epoch from its start, cut at a time limit, then its "
-            "first steps again; later epochs run at the second pass's rate)")
+        say("project rows (SGD, SAM and mixed: a first pass over the epoch from its start, cut at a time limit, "
+            "then its first steps again; later epochs run at the second pass's rate):")
         for row in chosen:
             rows[row.label] = {"flags": list(row.flags), "kind": row.kind}
             if deadline.allows(0 if args.quick else 8, f"row {row.label}"):
