@@ -344,7 +344,11 @@ def repeatability(flags, out, settings, timeout):
     found = {}
     for setting in settings:
         paths = [os.path.join(logs, f"repeat_{setting}_{name}.log") for name in ("straight", "killed", "resumed")]
-        texts = [open(path).read() for path in paths if os.path.isfile(path)]
+        texts = []
+        for path in paths:
+            if os.path.isfile(path):
+                with open(path) as f:
+                    texts.append(f.read())
         if first[(setting, "straight")] != 0 or first[(setting, "killed")] != -signal.SIGKILL \
                 or resumed.get((setting, "killed")) != 0:
             codes = (first[(setting, "straight")], first[(setting, "killed")], resumed.get((setting, "killed")))
