@@ -66,17 +66,20 @@ TRAIN_PHASES = ("sgd", "sam", "mixed")
 ALL_PHASES = TRAIN_PHASES + ("score_func", "score_hooks", "eval")
 # cold_cap / warm_cap: seconds of the two passes of measure_epoch per phase (a row with whole_epoch
 # gets whole_epoch_cap for the mixed step's first pass); max_cold_steps cuts the first pass by steps
-# (the quick run, so that the tests meet an extrapolated epoch).
+# (the quick run, so that the tests meet an extrapolated epoch); min_warm_steps: the second pass's
+# least number of steps. warm_steps / timed_steps: the fixed-step rows (tiny, shared).
 FULL = dict(smoke_width=8, smoke_epochs=2, smoke_seeds=["13", "17", "27"], smoke_batch=128, sharpness_batches=10,
             images=45000, width=64, batch=128, mixed_fraction=0.8, score_images=1024, eval_images=10000,
             cold_cap=dict(sgd=1.2, sam=2.5, mixed=7.0), warm_cap=dict(sgd=0.8, sam=1.5, mixed=4.0),
-            whole_epoch_cap=16.0, max_cold_steps=None, warm_steps=5, timed_steps=40, tiny_images=2000,
-            tiny_steps=15, reference_warm=3, reference_timed=40, ceiling_batch=1024, repeat_settings=2)
+            whole_epoch_cap=16.0, max_cold_steps=None, min_warm_steps=30, warm_steps=5, timed_steps=40,
+            tiny_images=2000, tiny_steps=15, reference_warm=3, reference_timed=40, ceiling_batch=1024,
+            repeat_settings=2)
 QUICK = dict(smoke_width=2, smoke_epochs=1, smoke_seeds=["13", "17"], smoke_batch=512, sharpness_batches=1,
              images=256, width=2, batch=32, mixed_fraction=0.8, score_images=16, eval_images=32,
              cold_cap=dict(sgd=60.0, sam=60.0, mixed=60.0), warm_cap=dict(sgd=60.0, sam=60.0, mixed=60.0),
-             whole_epoch_cap=60.0, max_cold_steps=5, warm_steps=1, timed_steps=2, tiny_images=64,
-             tiny_steps=1, reference_warm=1, reference_timed=2, ceiling_batch=64, repeat_settings=1)
+             whole_epoch_cap=60.0, max_cold_steps=5, min_warm_steps=6, warm_steps=1, timed_steps=2,
+             tiny_images=64, tiny_steps=1, reference_warm=1, reference_timed=2, ceiling_batch=64,
+             repeat_settings=1)
 # One H200, the figures of this run (minutes and hours of wall time; ratios of img/s).
 GOALS = {"mixed_over_sam": 1.0, "fast_over_reference": 0.8, "cifar10_sharpbalance_faithful_min": 60.0,
          "cifar10_sharpbalance_fast_min": 20.0, "figure7_fast_h": 12.0}
@@ -667,34 +670,39 @@ class Bench:
         return images / seconds, seconds, peak_gib(self.device)
 
 
-def epoch_estimate(cold, warm, images, new_sizes):
+def epoch_estimate(cold, warm, images, new_sizes, warm_images=None):
     """An epoch's figures from two passes over its first steps.
 
     ``images[i]`` and ``new_sizes[i]``: the images of step i and how many batch sizes it meets for
     the first time, for every step of the epoch. ``cold[i]``: seconds of step i in the first pass
     (the epoch from its start, possibly cut short), where a new size pays cuDNN's per-shape work;
-    ``warm[i]``: seconds of the same step run again (a prefix of the first pass), every size known.
+    ``warm[i]``: seconds of the same steps run again, every size known (``warm_images``: the images
+    of each warm step; by default the first pass's; a short first pass is repeated in the second).
 
     Later epochs run at the warm rate. A new size costs what its steps took over their warm time,
     per new size (noise that makes it negative counts as 0). A cut first pass is completed by its
     remaining steps at the warm rate plus their new sizes at that cost: ``extrapolated``.
     """
-    steps, run, compared = len(images), len(cold), len(warm)
-    warm_rate = sum(images[:compared]) / sum(warm)
+    warm_images = images[:len(warm)] if warm_images is None else warm_images
+    steps, run = len(images), len(cold)
+    compared = min(run, len(warm))
+    warm_rate = sum(warm_images) / sum(warm)
     compared_new = sum(new_sizes[:compared])
-    extra = sum(c - w for c, w, new in zip(cold, warm, new_sizes) if new)
+    extra = sum(c - w for c, w, new in zip(cold[:compared], warm[:compared], new_sizes) if new)
     new_size_s = max(0.0, extra / compared_new) if compared_new else None
     first = sum(cold)
     if run < steps:
         first += sum(images[run:]) / warm_rate + (new_size_s or 0.0) * sum(new_sizes[run:])
     return {"img_per_s": warm_rate, "warm_epoch_s": sum(images) / warm_rate, "first_epoch_s": first,
-            "steps": steps, "steps_run": run, "steps_compared": compared, "extrapolated": run < steps,
-            "new_sizes": sum(new_sizes), "new_sizes_compared": compared_new, "extra_s": max(0.0, extra),
-            "new_size_s": new_size_s}
+            "steps": steps, "steps_run": run, "steps_compared": compared, "warm_steps": len(warm),
+            "extrapolated": run < steps, "new_sizes": sum(new_sizes), "new_sizes_compared": compared_new,
+            "extra_s": max(0.0, extra), "new_size_s": new_size_s}
 
 
-def measure_epoch(bench, kind, cold_cap, warm_cap, max_steps):
-    """``kind``'s steps over a training epoch of the bench's images (see epoch_estimate)."""
+def measure_epoch(bench, kind, cold_cap, warm_cap, max_steps, min_warm_steps):
+    """``kind``'s steps over a training epoch of the bench's images (see epoch_estimate). A first
+    pass cut after fewer than ``min_warm_steps`` full batches (a slow step per new size) is
+    repeated in the second, so that the warm rate rests on enough steps."""
     batches = bench.epoch_batches()
     seen, new_sizes = set(bench.seen), []
     for indices in batches:
@@ -703,8 +711,12 @@ def measure_epoch(bench, kind, cold_cap, warm_cap, max_steps):
         seen |= sizes
     reset_peak(bench.device)
     cold = bench.train_pass(kind, batches, cold_cap, max_steps)
-    warm = bench.train_pass(kind, batches[:len(cold)], warm_cap)
-    return dict(epoch_estimate(cold, warm, [len(b) for b in batches], new_sizes), peak_gib=peak_gib(bench.device))
+    first = batches[:len(cold)]
+    full = all(len(b) == bench.batch for b in first)  # a last partial batch must stay last
+    again = first * (math.ceil(min_warm_steps / len(first)) if full else 1)
+    warm = bench.train_pass(kind, again, warm_cap)
+    return dict(epoch_estimate(cold, warm, [len(b) for b in batches], new_sizes, [len(b) for b in again[:len(warm)]]),
+                peak_gib=peak_gib(bench.device))
 
 
 def measure_phase(bench, phase, cfg):
@@ -749,7 +761,7 @@ def measure_row(row, cfg, device, deadline, entry, save):
             cold_cap, warm_cap = min(cold_cap, 0.7 * room), min(warm_cap, 0.3 * room)
             whole = row.whole_epoch and phase == "mixed"
             got, error = isolated(f"{row.label} {phase}", measure_epoch, bench, phase, cold_cap, warm_cap,
-                                  None if whole else cfg["max_cold_steps"])
+                                  None if whole else cfg["max_cold_steps"], cfg["min_warm_steps"])
             if got:
                 say(f"  {row.label:28s} {phase:11s} {describe_epoch(got)}   peak {gib(got['peak_gib'])}")
         else:

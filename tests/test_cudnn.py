@@ -96,7 +96,7 @@ def test_main_and_measure_scripts_apply_it_and_a_resume_must_match(tmp_path, res
     assert torch_flags() == EXPECTED["released"]
     checkpoint = tmp_path / "run" / "seed_13" / "checkpoint.pth.tar"
     assert torch.load(checkpoint, weights_only=True)["run_args"]["cudnn"] == "released"
-    assert json.load(open(tmp_path / "run" / "args.json"))["cudnn"] == "released"
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["cudnn"] == "released"
     before = checkpoint.read_bytes()
 
     with pytest.raises(UserError) as refused:

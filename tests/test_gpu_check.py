@@ -17,6 +17,11 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 @pytest.fixture
 def gpu_check(monkeypatch):
     # Imported by name from benchmarks/, which stays on the path: the shared part's worker
@@ -48,7 +53,7 @@ def test_every_part_runs_on_a_cpu(gpu_check, tmp_path, capsys, restore_torch_fla
     printed = capsys.readouterr().out
     assert "FAILED" not in printed and "skipped" not in printed, printed
     assert sorted(os.listdir(out)) == ["summary.json", "work"]
-    parts = json.load(open(os.path.join(out, "summary.json")))["parts"]
+    parts = read_json(os.path.join(out, "summary.json"))["parts"]
 
     smoke = parts["smoke"]
     assert all(run["error"] is None for run in smoke["runs"].values())
@@ -72,6 +77,8 @@ def test_every_part_runs_on_a_cpu(gpu_check, tmp_path, capsys, restore_torch_fla
     # The default row's mixed step ran a whole epoch; the others stopped after max_cold_steps.
     assert not fp32["mixed"]["extrapolated"] and fp32["mixed"]["steps_run"] == fp32["mixed"]["steps"] == 8
     assert fp32["sgd"]["extrapolated"] and fp32["sgd"]["steps_run"] == 5
+    # A first pass shorter than min_warm_steps (6) is run twice in the second pass.
+    assert fp32["sgd"]["warm_steps"] == 10 and fp32["sgd"]["steps_compared"] == 5 and fp32["mixed"]["warm_steps"] == 8
     assert all(parts["throughput"]["tiny"][kind]["img_per_s"] > 0 for kind in ("faithful", "fast"))
     reference = parts["reference"]["rows"]
     assert {label for label, *_ in gpu_check.REFERENCE_ROWS} == set(reference)
@@ -88,8 +95,9 @@ def test_every_part_runs_on_a_cpu(gpu_check, tmp_path, capsys, restore_torch_fla
     assert text.index("=== projection") < text.index("whole Figure 7") < text.index("--cudnn settings") \
         < text.index("project / reference") < text.index("goals (one H200")
     assert "issue" not in text and "goal <= 60, measured" in text and "goal <= 12, measured" in text
-    assert open(os.path.join(out, "gpu_check.log")).read() == text
-    summary = json.load(open(os.path.join(out, "summary.json")))
+    with open(os.path.join(out, "gpu_check.log")) as f:
+        assert f.read() == text
+    summary = read_json(os.path.join(out, "summary.json"))
     assert set(summary["parts"]) == {"smoke", "throughput", "cudnn", "compile", "reference", "shared", "projection"}
 
     # The projection's arithmetic, by hand: a deep ensemble and a SharpBalance run on CIFAR-10 with
@@ -132,6 +140,11 @@ def test_epoch_estimate_by_hand(gpu_check):
     # Cut after two steps: step 3's size is left, paid at the per-size cost of step 0.
     got = gpu_check.epoch_estimate([1.1, 0.1], [0.1, 0.1], images, new)
     assert got["first_epoch_s"] == pytest.approx(1.2 + 34 / 100 + 0.5)
+    # Cut after two steps and repeated in the second pass (warm_images: its four steps' images):
+    # the rate comes from all four, the per-size cost from the two compared.
+    got = gpu_check.epoch_estimate([1.1, 0.1], [0.1, 0.1, 0.05, 0.05], images, new, [10, 10, 10, 10])
+    assert got["img_per_s"] == pytest.approx(40 / 0.3) and got["steps_compared"] == 2 and got["warm_steps"] == 4
+    assert got["first_epoch_s"] == pytest.approx(1.2 + 34 / (40 / 0.3) + 0.5)
     # A warm step slower than its cold one (noise) costs nothing; no new size compared: unknown.
     assert gpu_check.epoch_estimate([0.1, 0.2], [0.15, 0.1], [10, 10], [1, 0])["new_size_s"] == 0.0
     assert gpu_check.epoch_estimate([0.1, 0.2], [0.15], [10, 10], [0, 1])["new_size_s"] is None
@@ -215,7 +228,7 @@ def test_a_failing_row_is_one_line_and_the_part_goes_on(gpu_check, tmp_path, mon
                            "1.43753e+06 for the same sample")
     assert failures[1].startswith("  bad flag: FAILED: ValueError: main.py refuses --cudnn nonsense: argument "
                                   "--cudnn: invalid choice: 'nonsense'")
-    rows = json.load(open(os.path.join(out, "summary.json")))["parts"]["throughput"]["rows"]
+    rows = read_json(os.path.join(out, "summary.json"))["parts"]["throughput"]["rows"]
     assert rows["fp32"]["score_hooks"]["error"].startswith("RuntimeError: hooks gave")
     assert rows["fp32"]["eval"]["img_per_s"] > 0 and rows["fp32 again"]["score_func"]["img_per_s"] > 0
     assert rows["bad flag"]["error"].startswith("ValueError: main.py refuses --cudnn nonsense")
@@ -235,7 +248,8 @@ def test_compare_runs_finds_a_one_bit_difference(gpu_check, tmp_path):
 
 
 def test_script_limits_fit_six_minutes_and_unknown_part_is_one_line(tmp_path):
-    script = open(os.path.join(ROOT, "benchmarks", "gpu_check.sh")).read()
+    with open(os.path.join(ROOT, "benchmarks", "gpu_check.sh")) as f:
+        script = f.read()
     limits = dict(re.findall(r"\[(\w+)\]=(\d+)", re.search(r"declare -A LIMIT=\((.*)\)", script).group(1)))
     parts = re.search(r'DEFAULT_PARTS="([^"]+)"', script).group(1).split()
     # Each part's Python process and the version line take a few seconds beyond the limits.
