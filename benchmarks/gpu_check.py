@@ -363,6 +363,8 @@ def repeatability(flags, out, settings, timeout):
         entry = {"identical": identical, "max_abs_difference": worst, "compared": what,
                  "nondeterministic_op_warnings": warned}
         verdict = ("bit-identical" if identical else f"NOT identical (largest difference {worst:.3g})") + f" ({what})"
+        if not identical and setting != "deterministic":
+            verdict += "; this setting does not promise it"
         if warned:
             verdict += f"; torch warned of an operation without a deterministic implementation (logs in {logs})"
         found[setting] = entry, verdict
