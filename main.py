@@ -18,7 +18,7 @@ from training.scores import SCORE_BACKENDS
 from training.method import method_name
 from training.partition import SELECT_CHOICES, SPLIT_RULE_CHOICES, TRAIN_SUBSET_CHOICES
 from utils.args import add_data_args, add_device_args, add_model_args, make_parser, parse_seeds, str2bool
-from utils.device import select_device
+from utils.device import apply_cudnn, select_device
 from utils.distributed import barrier, destroy, dist_env, init_distributed
 from utils.errors import UserError, run_main
 
@@ -121,6 +121,7 @@ def main(argv=None):
     check_args(args)
     device = select_device(args.device, local_rank=dist_env()[2])
     check_fast_path(args, device)
+    apply_cudnn(args.cudnn)  # process-wide, before any model exists
     rank, world_size = init_distributed(device, args.device)
     try:
         splits = load_splits(args, rank, world_size)

@@ -9,7 +9,7 @@ from measure.loading import CHECKPOINT_FILES, find_member_checkpoints, load_memb
 from measure.result_files import check_output_folder
 from training.accel import FastPath, add_fast_path_args, check_fast_path
 from utils.args import add_data_args, add_device_args, add_model_args, make_parser
-from utils.device import select_device
+from utils.device import apply_cudnn, select_device
 from utils.errors import UserError
 
 
@@ -101,6 +101,7 @@ def open_run(args, min_members=1):
             check_output_folder(getattr(args, flag), f"--{flag}")
     device = select_device(args.device)
     check_fast_path(args, device)
+    apply_cudnn(args.cudnn)  # process-wide, before any model exists
     members, spec = load_members(args, device, min_members=min_members)
     fast = FastPath.from_args(args, device)  # nothing unless the script offers the flags and they are given
     for member in members:

@@ -33,7 +33,7 @@ from utils.errors import UserError
 METHOD_KEYS = ("data", "model", "width", "seeds", "epochs", "lr", "lrsche", "batch_size", "momentum",
                "weight_decay", "sam", "rho", "flat_ratio", "initial_epochs", "train_subset", "select",
                "split_rule", "freeze_bn_on_perturbed", "tiny_val", "amp", "channels_last", "compile",
-               "shortcut_scale")
+               "shortcut_scale", "cudnn")
 
 
 def run_arguments(args):
