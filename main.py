@@ -18,7 +18,7 @@ from training.scores import SCORE_BACKENDS
 from training.method import method_name
 from training.partition import SELECT_CHOICES, SPLIT_RULE_CHOICES, TRAIN_SUBSET_CHOICES
 from utils.args import add_data_args, add_device_args, add_model_args, make_parser, parse_seeds, str2bool
-from utils.device import select_device
+from utils.device import apply_cudnn, select_device
 from utils.distributed import barrier, destroy, dist_env, init_distributed
 from utils.errors import UserError, run_main
 
@@ -80,6 +80,10 @@ def check_args(args):
         raise UserError(str(err)) from None
     if not args.seeds:
         raise UserError("--seed needs at least one seed")
+    outside = [s for s in args.seeds if not 0 <= s < 2 ** 32]
+    if outside:
+        raise UserError(f"--seed {outside[0]} is out of range: seeds are integers from 0 to {2 ** 32 - 1} "
+                        "(numpy seeds each member's initialisation with it)")
     if len(set(args.seeds)) != len(args.seeds):
         raise UserError(f"--seed has duplicates ({' '.join(map(str, args.seeds))}); members need distinct seeds")
     method = method_name(args)  # refuses a --flat_ratio outside [0, 1), or one without --sam True
@@ -117,6 +121,7 @@ def main(argv=None):
     check_args(args)
     device = select_device(args.device, local_rank=dist_env()[2])
     check_fast_path(args, device)
+    apply_cudnn(args.cudnn)  # process-wide, before any model exists
     rank, world_size = init_distributed(device, args.device)
     try:
         splits = load_splits(args, rank, world_size)

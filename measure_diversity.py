@@ -72,6 +72,9 @@ def main(argv=None):
     modes = cli.parse_modes(args.mode, tuple(MODES))
     corruptions = inputs.corruption_selection(args)
     inputs.check_corruption_files(args, corruptions)
+    modes, keys = cli.modes_to_measure(args, modes, inputs.data_sources(args, corruptions))
+    if not modes:
+        return
     device, members, spec = cli.open_run(args, min_members=max(MODES[m][2] for m in modes))
     meta = result_files.run_metadata(args, __file__, members, spec, device, corruptions=corruptions,
                                      ensemble_rule="mean of member softmax probabilities", ece_bins=metrics.ECE_BINS)
@@ -81,7 +84,8 @@ def main(argv=None):
         clean, cells = results[mode]
         summary = metrics.summarise_cells(cells, MODES[mode][1])
         payload = dict(meta=dict(meta, mode=mode), **clean, corruptions=summary)
-        result_files.write_results(args.save, mode, payload, result_files.summary_rows(mode, clean, summary))
+        result_files.write_results(args.save, mode, payload, result_files.summary_rows(mode, clean, summary),
+                                   key=keys[mode])
         for name, report in list(clean.items()) + ([("ood", summary["ood"])] if summary else []):
             values = ", ".join(f"{key} {report[key]:.4f}" for key in HEADLINE[mode])
             print(f"{mode:12s} {name:4s}: {values}", flush=True)

@@ -106,6 +106,9 @@ def main(argv=None):
     if "variance_mse_c" in modes and not corruptions:
         raise UserError("variance_mse_c needs the -C set; drop --corruptions none or use --mode variance_mse")
     inputs.check_corruption_files(args, corruptions)
+    modes, keys = cli.modes_to_measure(args, modes, inputs.data_sources(args, corruptions))
+    if not modes:
+        return
     device, members, spec = cli.open_run(args, min_members=2)
     meta = result_files.run_metadata(args, __file__, members, spec, device,
                                  definition="mean over inputs of the sum over classes of the unbiased "
@@ -122,7 +125,7 @@ def main(argv=None):
         else:
             result, rows = measure_clean(args, members, device, partial)
             payload = dict(meta=dict(meta, mode=mode), **result)
-        result_files.write_results(args.save, mode, payload, rows)
+        result_files.write_results(args.save, mode, payload, rows, key=keys[mode])
         print(f"{mode}: variance {result['variance_unbias']:.6g} over {result['n']} images", flush=True)
     for partial in partials.values():
         partial.finish()

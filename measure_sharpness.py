@@ -110,6 +110,9 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     modes = cli.parse_modes(args.mode, MODES)
     rhos, norms = resolve_settings(args)
+    modes, keys = cli.modes_to_measure(args, modes, inputs.data_sources(args))
+    if not modes:
+        return
     device, members, spec = cli.open_run(args, min_members=1)
     batches, indices = fixed_batches(args, device)
     meta = result_files.run_metadata(
@@ -136,7 +139,8 @@ def main(argv=None):
             for key, value in mean.items():
                 per = ", ".join(f"{r[key]['sharpness']:.4g}" for r in individual)
                 print(f"{mode} {key}: mean {value:.4g} (members {per})", flush=True)
-        result_files.write_results(args.save, mode, dict(meta=dict(meta, mode=mode), **payload), rows)
+        result_files.write_results(args.save, mode, dict(meta=dict(meta, mode=mode), **payload), rows,
+                                   key=keys[mode])
 
 
 if __name__ == "__main__":

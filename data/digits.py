@@ -101,3 +101,9 @@ def build_digits_c(root):
         from utils.checkpoint import atomic_write
         atomic_write(os.path.join(directory, name + ".npy"), lambda f: np.save(f, array), mode="wb")
     return directory
+
+
+if __name__ == "__main__":
+    # python -m data.digits ROOT: build digits-C once (scripts/figure7.sh, before the measurements).
+    import sys
+    print("digits-C in", build_digits_c(sys.argv[1]))

@@ -10,5 +10,5 @@
     lockstep.py    --lockstep: the members of a process step by step side by side, a CUDA stream each
     accel.py       the opt-in fast path: --amp, --channels_last, --compile (and the flags above)
     trainer.py     the run: members phase by phase, checkpoints, resume, the partition, several processes
-    run_folder.py  the run folder: lock, resume checks against the command, model_best repair
+(The run folder it writes, its lock and its checks: utils/run_folder.py.)
 """

@@ -1,6 +1,8 @@
 """Argument groups shared by the entry scripts, so every script spells a flag the same way."""
 import argparse
 
+from utils.device import CUDNN_SETTINGS, DEFAULT_CUDNN, cudnn_help
+
 DATASET_CHOICES = ("cifar10", "cifar100", "tiny_imgnet", "digits")
 
 
@@ -68,6 +70,8 @@ def add_model_args(parser):
 def add_device_args(parser):
     group = parser.add_argument_group("device")
     group.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    group.add_argument("--cudnn", default=DEFAULT_CUDNN, choices=tuple(CUDNN_SETTINGS),
+                       help="how cuDNN picks convolution algorithms (GPU): " + cudnn_help().replace("%", "%%"))
     return group
 
 
