@@ -16,7 +16,7 @@ import main as main_script
 from data.arrays import BatchLoader, ImageArrayDataset
 from models import create_model
 from tests.host_reads import count_host_reads
-from training.accel import check_fast_path
+from training.accel import FastPath, check_fast_path
 from training.engine import train_one_epoch
 from training.graphs import StepGraphs, run_on_static
 from training.sam import SAM
@@ -34,9 +34,9 @@ def dataset():
     return ImageArrayDataset(images, labels, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), augment=True)
 
 
-def member(sam=True, momentum=0.9):
+def member(sam=True, momentum=0.9, amp="off"):
     torch.manual_seed(0)
-    model = create_model("resnet18", 10, width=4)
+    model = FastPath(amp).prepare(create_model("resnet18", 10, width=4))
     if sam:
         return model, SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.05, momentum=momentum,
                           weight_decay=5e-4)
@@ -64,13 +64,13 @@ def mask_for(method, n):
     return None
 
 
-@pytest.mark.parametrize("method", ["sgd", "sam", "mixed", "mixed_frozen_bn"])
+@pytest.mark.parametrize("method", ["sgd", "sam", "mixed", "mixed_frozen_bn", "mixed_bf16"])
 def test_replayed_steps_equal_the_eager_steps_bit_for_bit(dataset, method):
     """Three epochs, the lr lowered after each (every graph is then captured again), a last partial batch."""
-    kind = method.replace("_frozen_bn", "")
+    kind = method.replace("_frozen_bn", "").replace("_bf16", "")
     runs, graphs = [], None
     for with_graphs in (False, True):
-        model, optimizer = member(sam=kind != "sgd")
+        model, optimizer = member(sam=kind != "sgd", amp="bf16" if method.endswith("bf16") else "off")
         scheduler = torch.optim.lr_scheduler.StepLR(getattr(optimizer, "base_optimizer", optimizer), 1, gamma=0.5)
         freeze = method == "mixed_frozen_bn"
         if with_graphs:

@@ -160,7 +160,10 @@ class _FastForward:
     def _forward(self, *args, **kwargs):
         if self.amp_dtype is None:
             return self.eager(*args, **kwargs)
-        with torch.autocast(self.device_type, dtype=self.amp_dtype):
+        # No autocast cache: it would keep the low-precision copies of the weights made while a
+        # CUDA graph is captured (training/graphs.py), and it saves nothing here, where every weight
+        # is cast once per forward pass anyway (the cast itself is the same either way).
+        with torch.autocast(self.device_type, dtype=self.amp_dtype, cache_enabled=False):
             out = self.eager(*args, **kwargs)
         # float32 logits: the loss and everything after it are computed as in the fp32 path.
         return out.float()
