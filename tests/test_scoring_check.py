@@ -95,23 +95,31 @@ def sharpbalance(tmp_path, name):
 def test_hooks_disagreeing_at_the_partition_is_one_line_per_member(tmp_path, monkeypatch, capsys):
     """The check passes before the first epoch and fails on the trained members at the partition
     (as TF32 on trained weights did): each member is scored with torch.func after one line."""
-    main_script.main(sharpbalance(tmp_path, "func") + ["--score_backend", "func"])
-    capsys.readouterr()
+    import training.trainer
     real_loop, calls = training.scores._loop_squared_norms, []
 
     def disagreeing_after_the_first_check(*args):
         calls.append(1)
         return real_loop(*args) * (1.0 if len(calls) == 1 else 1 + 1.2e-3)
     monkeypatch.setattr(training.scores, "_loop_squared_norms", disagreeing_after_the_first_check)
+    real_scores, pairs = training.trainer.squared_grad_norms, []
+
+    def scored_and_by_func(model, loader, device, **kwargs):
+        scores = real_scores(model, loader, device, **kwargs)
+        by_func = real_scores(model, loader, device, chunk_size=kwargs["chunk_size"],
+                              num_samples=kwargs["num_samples"], backend="func")
+        pairs.append((scores, by_func))
+        return scores
+    monkeypatch.setattr(training.trainer, "squared_grad_norms", scored_and_by_func)
     main_script.main(sharpbalance(tmp_path, "hooks") + ["--score_backend", "hooks"])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(calls) == 3  # the check before the first epoch, then one per member at the partition
     assert [line.split(" hooks gave")[0] for line in err] == [
         f"warning: [seed {seed}] the hooks backend cannot score this model (checked on the first chunk):"
         for seed in (13, 17)]
-    split = {name: torch.load(tmp_path / name / "sharpbalance_split.pt", weights_only=True)
-             for name in ("func", "hooks")}
-    assert torch.equal(split["func"]["scores"], split["hooks"]["scores"])
+    assert len(pairs) == 2 and all(torch.equal(scores, by_func) for scores, by_func in pairs)
+    split = torch.load(tmp_path / "hooks" / "sharpbalance_split.pt", weights_only=True)
+    assert torch.equal(split["scores"], torch.stack([scores for scores, _ in pairs]))
 
 
 def test_hooks_disagreeing_before_the_first_epoch_settle_on_func(tmp_path, monkeypatch, capsys):
