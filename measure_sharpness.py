@@ -25,7 +25,7 @@ from utils.errors import MEASURE_INTERRUPTED, UserError, run_main
 MODES = ("APGD_worst", "APGD_average", "fisher")
 PRESETS = {"release": dict(rho="0.5", norm="l2,linf", batch_num=100, eval_batch_size=5),
            "tml": dict(rho="0.001,0.002,0.004,0.008", norm="linf", batch_num=8, eval_batch_size=128)}
-SUMMARY_KEYS = ("sharpness", "error_increase", "max_delta_norm", "init_loss", "init_error")
+SUMMARY_KEYS = ("sharpness", "error_increase", "max_delta_norm", "init_loss", "init_error", "saturated_fraction")
 
 
 def get_parser():
@@ -106,6 +106,19 @@ def tidy(mode, individual):
     return rows
 
 
+def saturation_note(mode, key, individual):
+    """One line when most batches' worst-case loss reached a uniform guess's: the number is then
+    saturated (it measures how far the logits blow up, not flatness)."""
+    fractions = [r[key].get("saturated_fraction") for r in individual]
+    if mode != "APGD_worst" or not fractions or None in fractions or max(fractions) < 0.5:
+        return
+    chance = individual[0][key]["uniform_loss"]
+    print(f"note: {key} is saturated: on {100 * max(fractions):.0f}% of a member's batches the worst-case loss "
+          f"reached ln C = {chance:.3f}, the loss of a uniform guess, so the perturbation destroys the model and "
+          "the number says how large the logits grow, not how flat the minimum is; compare models at a smaller "
+          "--rho (e.g. 0.05)", flush=True)
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     modes = cli.parse_modes(args.mode, MODES)
@@ -139,6 +152,7 @@ def main(argv=None):
             for key, value in mean.items():
                 per = ", ".join(f"{r[key]['sharpness']:.4g}" for r in individual)
                 print(f"{mode} {key}: mean {value:.4g} (members {per})", flush=True)
+                saturation_note(mode, key, individual)
         result_files.write_results(args.save, mode, dict(meta=dict(meta, mode=mode), **payload), rows,
                                    key=keys[mode])
 

@@ -235,12 +235,26 @@ def _summary(init_losses, init_errs, losses, errs, delta_norms=None):
     return out
 
 
+def uniform_loss(model, batches):
+    """ln C, the cross-entropy of a uniform guess over the model's C classes (one tiny forward pass)."""
+    if not batches:
+        return float("nan")
+    with torch.no_grad():
+        return math.log(model(batches[0][0][:1]).shape[-1])
+
+
 def worst_case_sharpness(model, batches, rhos=(0.5,), norms=("l2", "linf"), adaptive=True,
                          n_iters=20, restart="release", desc="APGD_worst"):
     """{``<norm>_<rho>``: summary} of worst-case sharpness over ``batches`` [(x, y), ...]. The
     summary's ``projection_gap`` is the largest certified relative tolerance of any ellipsoid
-    projection in the search (0 for the linf box and the plain ball)."""
+    projection in the search (0 for the linf box and the plain ball).
+
+    ``saturated_fraction`` is the share of batches whose worst-case loss reached ``uniform_loss``
+    (ln C): there the perturbation has destroyed the model, the loss is driven by how large the
+    logits grow (linf at rho 0.5 reaches 1e9 and more, as in the release), and the number no longer
+    says how flat the minimum is; a smaller radius does."""
     model.eval()
+    chance = uniform_loss(model, batches)
     flat = FlatModel(model)
     scale = weight_scale(flat.w0, adaptive)
     results = {}
@@ -255,7 +269,9 @@ def worst_case_sharpness(model, batches, rhos=(0.5,), norms=("l2", "linf"), adap
             rows.append(row)
         init_l, init_e, worst_l, worst_e, dn, gaps = (list(c) for c in zip(*rows))
         results[setting_key(norm, rho)] = dict(_summary(init_l, init_e, worst_l, worst_e, dn),
-                                                 projection_gap=float(np.max(gaps)))  # np.max: a NaN shows
+                                                 projection_gap=float(np.max(gaps)),  # np.max: a NaN shows
+                                                 uniform_loss=chance,
+                                                 saturated_fraction=float(np.mean(np.asarray(worst_l) >= chance)))
     flat.restore()
     return results
 

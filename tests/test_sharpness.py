@@ -294,3 +294,31 @@ def test_measure_sharpness_records_the_restart(tmp_path):
     assert result["meta"]["apgd_restart"] == "worst"
     assert result["meta"]["ellipsoid_search"] == "host scalars"      # a CPU's default
     assert 0 <= result["individual_sharpness"][0]["l2_0.5"]["projection_gap"] <= 1e-4
+
+
+def test_saturation_is_the_share_of_batches_whose_worst_loss_reaches_a_uniform_guess():
+    """ln C for C = 3 classes, and the share of batches whose worst loss is at or above it, counted
+    here from the per-batch numbers the summary reports (worst = init + per-batch sharpness)."""
+    net = _tiny_net()
+    with torch.no_grad():
+        net[-1].weight.mul_(30.0)  # confident predictions ...
+    batches = [(x, net(x).argmax(1)) for x, _ in _batches(4)]  # ... that are right: losses far below ln 3
+    tiny = sh.worst_case_sharpness(net, batches, rhos=[1e-4], norms=["l2"], n_iters=3)[sh.setting_key("l2", 1e-4)]
+    huge = sh.worst_case_sharpness(net, batches, rhos=[50.0], norms=["linf"], n_iters=5)[sh.setting_key("linf", 50.0)]
+    for summary in (tiny, huge):
+        assert summary["uniform_loss"] == pytest.approx(np.log(3), abs=1e-12)
+        init = [F.cross_entropy(net(x), y).item() for x, y in batches]
+        worst = np.asarray(init) + np.asarray(summary["per_batch_sharpness"])
+        assert summary["saturated_fraction"] == pytest.approx(float(np.mean(worst >= np.log(3) - 1e-6)))
+    assert tiny["saturated_fraction"] == 0.0  # a 1e-4 neighbourhood keeps the trained losses (below ln 3)
+    assert huge["saturated_fraction"] == 1.0  # weights moved by 50x their size: no better than a guess
+
+
+def test_measure_sharpness_prints_one_note_for_a_saturated_setting(capsys):
+    import measure_sharpness
+    member = {"linf_0.5": {"saturated_fraction": 1.0, "uniform_loss": float(np.log(10))},
+              "l2_0.05": {"saturated_fraction": 0.0, "uniform_loss": float(np.log(10))}}
+    for key in member:
+        measure_sharpness.saturation_note("APGD_worst", key, [member, member])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note: linf_0.5 is saturated") and "2.303" in lines[0]
