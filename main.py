@@ -13,7 +13,7 @@ import os
 import sys
 
 from data import build_datasets
-from training.accel import add_fast_path_args, check_fast_path
+from training.accel import add_fast_path_args, add_training_fast_path_args, check_fast_path
 from training.scores import SCORE_BACKENDS
 from training.method import method_name
 from training.partition import SELECT_CHOICES, SPLIT_RULE_CHOICES, TRAIN_SUBSET_CHOICES
@@ -28,7 +28,7 @@ def get_parser():
     add_data_args(parser, flag="--data")
     add_model_args(parser)
     add_device_args(parser)
-    add_fast_path_args(parser)
+    add_training_fast_path_args(add_fast_path_args(parser))
     opt = parser.add_argument_group("optimisation (released defaults)")
     opt.add_argument("--epochs", type=int, default=200, help="training epochs per member")
     opt.add_argument("--lr", type=float, default=0.1, help="initial SGD learning rate")

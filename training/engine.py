@@ -10,6 +10,9 @@ correct predictions are added up on the device and read once at the end of the e
 GPU works. The masks are looked up on the host, where they live. The finite check rides on the
 same reads: cross-entropy is never negative, so the running float64 sum is NaN or infinite
 exactly when some step's loss was; a non-finite loss is then placed between two reads.
+
+``train_epoch_steps`` is the epoch as a generator that yields after every step, so that members in
+lockstep (training/lockstep.py) can take turns step by step; ``train_one_epoch`` runs it through.
 """
 import time
 
@@ -46,15 +49,39 @@ def _read(total_loss, total_correct):
 
 
 def train_one_epoch(model, optimizer, loader, epoch, use_sam, sam_mask=None, freeze_bn_on_perturbed=False,
-                    print_freq=50, desc="train", progress=True, scaler=None):
+                    print_freq=50, desc="train", progress=True, scaler=None, graphs=None):
     """Train ``model`` for one epoch; returns a dict of true means and timings.
 
     ``use_sam`` False = plain SGD; True with ``sam_mask`` None = SAM on every sample; True with a
     bool ``sam_mask`` over the training split (on the CPU, True = SAM sample) = SharpBalance.
-    ``scaler``: a GradScaler for fp16 (see ``training.steps``). The progress bar is redrawn every
-    ``print_freq`` steps. Raises ``NonFiniteLoss`` at the first read (progress update or end of
-    epoch) after a non-finite loss.
+    ``scaler``: a GradScaler for fp16 (see ``training.steps``). ``graphs``: a
+    ``training.graphs.StepGraphs`` of this model and optimizer, whose steps then replace the eager
+    ones (same arithmetic; not with a scaler). The progress bar is redrawn every ``print_freq``
+    steps. Raises ``NonFiniteLoss`` at the first read (progress update or end of epoch) after a
+    non-finite loss.
     """
+    return run_to_end(train_epoch_steps(model, optimizer, loader, epoch, use_sam, sam_mask, freeze_bn_on_perturbed,
+                                        print_freq, desc, progress, scaler, graphs))
+
+
+def run_to_end(steps):
+    """Run a generator of steps (``train_epoch_steps``, ``Member.training``) to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def train_epoch_steps(model, optimizer, loader, epoch, use_sam, sam_mask=None, freeze_bn_on_perturbed=False,
+                      print_freq=50, desc="train", progress=True, scaler=None, graphs=None):
+    """``train_one_epoch`` as a generator: yields after every step, returns the epoch's dict.
+
+    Whoever drives it decides what happens between two steps: nothing (``train_one_epoch``), or the
+    steps of other members (training/lockstep.py).
+    """
+    if graphs is not None and scaler is not None:
+        raise ValueError("graph-captured steps take no GradScaler (it reads the host every step)")
     model.train()
     loader.set_epoch(epoch)
     host_mask = None if sam_mask is None else np.asarray(torch.as_tensor(sam_mask, dtype=torch.bool).cpu())
@@ -75,11 +102,18 @@ def train_one_epoch(model, optimizer, loader, epoch, use_sam, sam_mask=None, fre
     for step, (images, targets, indices) in enumerate(bar, start=1):
         if use_sam:
             batch_mask = np.ones(len(indices), dtype=bool) if host_mask is None else host_mask[indices.numpy()]
-            loss_sum, correct = mixed_step(model, optimizer, images, targets, batch_mask,
-                                           freeze_bn_on_perturbed=freeze_bn_on_perturbed, scaler=scaler)
+            if graphs is not None:
+                loss_sum, correct = graphs.mixed_step(images, targets, batch_mask)
+            else:
+                loss_sum, correct = mixed_step(model, optimizer, images, targets, batch_mask,
+                                               freeze_bn_on_perturbed=freeze_bn_on_perturbed, scaler=scaler)
             total_sam += int(batch_mask.sum())
+        elif graphs is not None:
+            loss_sum, correct = graphs.sgd_step(images, targets)
         else:
             loss_sum, correct = sgd_step(model, optimizer, images, targets, scaler=scaler)
+        # Right after the step, on the same stream: a graph's outputs are only valid until the
+        # next replay.
         total_loss += loss_sum
         total_correct += correct
         total_seen += len(indices)
@@ -87,6 +121,7 @@ def train_one_epoch(model, optimizer, loader, epoch, use_sam, sam_mask=None, fre
             loss, correct = read_and_check(step)
             # Drawn by the bar itself right after this step (progress_bar: every print_freq steps).
             bar.set_postfix(loss=f"{loss / total_seen:.3f}", acc=f"{correct / total_seen:.3f}", refresh=False)
+        yield step
     total_loss, total_correct = read_and_check(step)
     seconds = time.perf_counter() - start
     return {

@@ -7,8 +7,10 @@ with their gradient at θ+e where e is taken from the SAM samples alone; each pa
 share of the batch. Plain SAM is the all-True mask, and a batch with no SAM samples is exactly
 ``sgd_step`` (the mixed step hands it over).
 
-The pieces the mixed step is made of live here too: cutting a batch into its two parts on the host
-(``sub_batches``) and keeping BatchNorm's running statistics unchanged over a pass
+The pieces the mixed step is made of live here too: finding a batch's two parts on the host
+(``partition_rows``) and cutting it (``sub_batches``), the device work on the two parts
+(``mixed_update``: a fixed sequence of kernels for fixed part sizes, which training/graphs.py records
+in CUDA graphs) and keeping BatchNorm's running statistics unchanged over a pass
 (``frozen_batchnorm_statistics``). Both steps take an optional fp16 ``GradScaler``.
 
 Both steps return ``(loss_sum, correct)`` at θ as 0-dim device tensors and read nothing back from
@@ -114,6 +116,11 @@ def host_mask(sam_mask, batch_size):
     return mask
 
 
+def partition_rows(mask):
+    """(normal rows, SAM rows) of a batch as numpy int64 arrays, in batch order, from the host mask."""
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
 def sub_batches(images, targets, mask):
     """((normal images, targets), (SAM images, targets)) in batch order; None for an empty part.
 
@@ -121,7 +128,7 @@ def sub_batches(images, targets, mask):
     non-blocking on CUDA), so nothing waits for the device: a boolean mask on the device would make
     the host wait to learn how many rows it selects. A part that is the whole batch is the batch.
     """
-    sam_rows, normal_rows = np.flatnonzero(mask), np.flatnonzero(~mask)
+    normal_rows, sam_rows = partition_rows(mask)
     if len(sam_rows) == 0:
         return (images, targets), None
     if len(normal_rows) == 0:
@@ -161,9 +168,24 @@ def mixed_step(model, optimizer, images, targets, sam_mask, criterion=None, free
         return sgd_step(model, optimizer, images, targets, criterion=criterion, scaler=scaler)
     if not isinstance(optimizer, SAM):
         raise TypeError("mixed_step with SAM samples needs a SAM optimizer")
-    num_normal = batch_size - num_sam
     normal_part, sam_part = sub_batches(images, targets, mask)
-    loss_sum, correct = _zeros(images.device)
+    return mixed_update(model, optimizer, normal_part, sam_part, criterion=criterion,
+                        freeze_bn_on_perturbed=freeze_bn_on_perturbed, scaler=scaler)
+
+
+def mixed_update(model, optimizer, normal_part, sam_part, criterion=None, freeze_bn_on_perturbed=False, scaler=None):
+    """The device work of ``mixed_step`` on a batch already cut into its two parts.
+
+    ``normal_part`` is ``(images, targets)`` or None (plain SAM); ``sam_part`` is ``(images,
+    targets)`` with at least one sample; ``optimizer`` is a ``SAM``. Everything here is a fixed
+    sequence of device operations for fixed part sizes (no host reads, no data-dependent shapes),
+    which is what lets training/graphs.py record it in a CUDA graph once per pair of sizes.
+    """
+    sam_images, sam_targets = sam_part
+    num_sam = sam_targets.shape[0]
+    num_normal = 0 if normal_part is None else normal_part[1].shape[0]
+    batch_size = num_normal + num_sam
+    loss_sum, correct = _zeros(sam_images.device)
 
     optimizer.zero_grad(set_to_none=True)
     if normal_part is not None:
@@ -182,7 +204,6 @@ def mixed_step(model, optimizer, images, targets, sam_mask, criterion=None, free
     for p in params:
         p.grad = None
 
-    sam_images, sam_targets = sam_part
     logits = model(sam_images)
     loss = _mean_loss(criterion, logits, sam_targets)
     # The scale of this loss does not matter: only the direction of its gradient is used.

@@ -5,7 +5,9 @@ model_best and log) and every check made of it are in utils/run_folder.py.
 
 Why phase by phase: SharpBalance's split needs every member's scores at the same epoch. Training
 all members to the split, scoring, splitting, then training all to the end means no process ever
-waits on a barrier for another member, and one process can train the whole ensemble.
+waits on a barrier for another member, and one process can train the whole ensemble. Within a
+phase the members of a process train one after the other, or with ``--lockstep`` side by side,
+step by step (training/lockstep.py); each member's numbers are the same either way.
 """
 import os
 import random
@@ -19,11 +21,13 @@ import torch
 from data import BatchLoader
 from models import create_model
 from training.accel import FastPath
-from training.engine import NonFiniteLoss, evaluate, train_one_epoch
+from training.engine import NonFiniteLoss, evaluate, train_epoch_steps
+from training.graphs import member_graphs
 from training.method import method_name, partition_epoch
 from training.partition import build_sam_masks, resolve_split_rule
 from training.sam import SAM
-from training.scores import squared_grad_norms
+from training.lockstep import member_streams, run_in_lockstep
+from training.scores import check_score_backend, squared_grad_norms
 from utils import run_folder
 from utils.checkpoint import copy_checkpoint, save_checkpoint
 from utils.distributed import barrier, gather_member_rows, members_for_rank
@@ -75,6 +79,8 @@ class Member:
         else:
             milestones = [int(args.epochs / 2), int(args.epochs * 3 / 4)]
             self.scheduler = torch.optim.lr_scheduler.MultiStepLR(base, milestones=milestones, gamma=0.1)
+        self.graphs = member_graphs(args, self.model, self.optimizer, device)  # --cuda_graphs (None: eager)
+        self.stream = None  # a CUDA stream of its own with --lockstep or --cuda_graphs (_train_members)
         self.train_loader = BatchLoader(splits.train, args.batch_size, device, shuffle=True, seed=seed)
         self.val_loader = BatchLoader(splits.val, args.eval_batch_size, device)
         # best_epoch: the epoch model_best.pth.tar holds (0 = none yet); None for checkpoints from
@@ -139,16 +145,22 @@ class Member:
         return "warm-up" if method == "sharpbalance" else "sam"
 
     def train_until(self, end_epoch, progress=True):
+        """Train until ``end_epoch`` epochs are done, on the member's stream if it has one."""
+        run_in_lockstep([self.training(end_epoch, progress)], [self.stream])
+
+    def training(self, end_epoch, progress=True):
+        """Train until ``end_epoch`` epochs are done; a generator that yields after every training
+        step, so that members can take turns (training/lockstep.py), and returns at the end."""
         args = self.args
         while self.epochs_done < end_epoch:
             epoch = self.epochs_done
             phase = self.phase()
             lr = self.scheduler.get_last_lr()[0]
             desc = f"seed {self.seed} epoch {epoch + 1}/{args.epochs}"
-            stats = train_one_epoch(self.model, self.optimizer, self.train_loader, epoch, use_sam=args.sam,
-                                    sam_mask=self.sam_mask, freeze_bn_on_perturbed=args.freeze_bn_on_perturbed,
-                                    print_freq=args.print_freq, desc=desc, progress=progress,
-                                    scaler=self.fast.scaler)
+            stats = yield from train_epoch_steps(
+                self.model, self.optimizer, self.train_loader, epoch, use_sam=args.sam, sam_mask=self.sam_mask,
+                freeze_bn_on_perturbed=args.freeze_bn_on_perturbed, print_freq=args.print_freq, desc=desc,
+                progress=progress, scaler=self.fast.scaler, graphs=self.graphs)
             val_loss, val_acc = evaluate(self.model, self.val_loader)
             self.scheduler.step()
             self.epochs_done = epoch + 1
@@ -179,8 +191,31 @@ class Member:
                   f"{stats['epoch_seconds']:.1f}s {stats['samples_per_second']:.0f} img/s", flush=True)
 
 
-def compute_split(args, members, all_seeds, splits, device, rank, world_size):
+def choose_score_backend(args, members, splits, device, split_at):
+    """The backend that will score the partition, tried before the first epoch on one chunk.
+
+    A run that will score (SharpBalance without its split file yet) scores one chunk of the training
+    split with this process's first member as the partition will (``scores.check_score_backend``):
+    hooks that disagree with a plain backward pass become torch.func with one line now, and a
+    backend that cannot score the model at all, or a chunk that does not fit in memory, fails now
+    instead of after the warm-up. Returns ``--score_backend`` unchanged when nothing will be scored.
+    """
+    if (split_at is None or args.train_subset != "boosting" or not members
+            or os.path.isfile(run_folder.split_path(args.save_path))):
+        return args.score_backend
+    loader = BatchLoader(splits.train_eval, args.eval_batch_size, device)
+    backend, reason = check_score_backend(members[0].model, loader, device, args.score_backend, args.score_chunk)
+    if reason:
+        print(f"warning: --score_backend {args.score_backend}: {reason}", file=sys.stderr, flush=True)
+    return backend
+
+
+def compute_split(args, members, all_seeds, splits, device, rank, world_size, backend=None):
     """Score every member, share the scores, and return the (M, N) SAM masks (identical on all ranks).
+
+    ``backend``: the scoring backend ``choose_score_backend`` settled on (default ``--score_backend``).
+    Should the hooks still disagree with a plain backward pass on a trained member (float rounding
+    near the tolerance), that member is scored with torch.func after one line: never a traceback here.
 
     The split is computed once and saved; a resumed run reads it back instead of rescoring (the
     models it was computed from no longer exist once training has moved on).
@@ -194,9 +229,11 @@ def compute_split(args, members, all_seeds, splits, device, rank, world_size):
         rows = {}
         for member in members:
             print(f"[seed {member.seed}] scoring {n} training samples (per-sample squared gradient norms)", flush=True)
-            rows[member.position] = squared_grad_norms(member.model, loader, device, chunk_size=args.score_chunk,
-                                                       progress=not args.no_progress, num_samples=n,
-                                                       backend=args.score_backend, print_freq=args.print_freq)
+            rows[member.position] = squared_grad_norms(
+                member.model, loader, device, chunk_size=args.score_chunk, progress=not args.no_progress,
+                num_samples=n, backend=backend or args.score_backend, print_freq=args.print_freq,
+                fallback=lambda line, seed=member.seed: print(f"warning: [seed {seed}] {line}", file=sys.stderr,
+                                                              flush=True))
         scores = gather_member_rows(rows, num_members, n, world_size, device)
     else:
         scores = torch.zeros(num_members, n)  # the ablations draw their subsets without scores
@@ -248,23 +285,54 @@ def _train_members(args, splits, device, rank, world_size, split_at):
         return members
     for member in resumed:
         print(f"[seed {member.seed}] resumed after epoch {member.epochs_done}", flush=True)
+    score_backend = choose_score_backend(args, members, splits, device, split_at)
+    # On CUDA, members in lockstep or with graph-captured steps queue their work on a stream each
+    # (a capture runs on the stream its warm-up steps ran on); otherwise everything stays on the
+    # current stream, as without these options.
+    if args.lockstep or args.cuda_graphs:
+        for member, stream in zip(members, member_streams(device, len(members))):
+            member.stream = stream
     boundaries = [split_at, args.epochs] if split_at is not None else [args.epochs]
     for boundary in boundaries:
-        failures = []
-        for member in members:
-            try:
-                member.train_until(boundary, progress=not args.no_progress)
-            except NonFiniteLoss as err:
-                kept = (f"its checkpoint of epoch {member.epochs_done} is kept" if member.epochs_done else
-                        "no epoch of this member completed, so it has no checkpoint")
-                failures.append(f"member seed {member.seed}: {err}; {kept}; lower --lr or --rho")
+        failures = [_failure(member, err) for member, err in _train_phase(args, members, boundary)]
         if failures:
             raise UserError(" | ".join(failures))
         if boundary == split_at:
             # Every rank enters, even one whose members are all resumed past the split, so the
             # collective inside is matched; with the split file present nobody rescored.
-            masks = compute_split(args, members, all_seeds, splits, device, rank, world_size)
+            masks = compute_split(args, members, all_seeds, splits, device, rank, world_size, score_backend)
             for member in members:
                 member.sam_mask = masks[member.position]
         barrier(world_size)
     return members
+
+
+def _train_phase(args, members, boundary):
+    """Train every member up to epoch ``boundary``: all in lockstep (``--lockstep``), else one after
+    the other, each on its own stream if it has one. Returns ``[(member, NonFiniteLoss)]`` for the
+    members that stopped on one (the others carry on)."""
+    progress = not args.no_progress
+    if any(member.stream is not None for member in members):
+        # What the members' loaders share and create on first use (the split's images on the device,
+        # the normalisation constants) is made here, on the current stream, which the member streams
+        # wait for: made on one member's stream it could be read by another's before it is there.
+        for member in members:
+            for loader in (member.train_loader, member.val_loader):
+                next(iter(loader), None)
+    if args.lockstep:
+        results = run_in_lockstep([member.training(boundary, progress) for member in members],
+                                  [member.stream for member in members], catch=NonFiniteLoss)
+        return [(member, err) for member, (_, err) in zip(members, results) if err is not None]
+    stopped = []
+    for member in members:
+        try:
+            member.train_until(boundary, progress=progress)
+        except NonFiniteLoss as err:
+            stopped.append((member, err))
+    return stopped
+
+
+def _failure(member, err):
+    kept = (f"its checkpoint of epoch {member.epochs_done} is kept" if member.epochs_done else
+            "no epoch of this member completed, so it has no checkpoint")
+    return f"member seed {member.seed}: {err}; {kept}; lower --lr or --rho"
