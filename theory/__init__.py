@@ -1,6 +1,6 @@
 """The sharpness–diversity trade-off on a noiseless linear model: closed forms and simulations.
 
-This module backs `theoretical_verification.ipynb` (README, "Theory"). The model:
+This module backs `theoretical_verification.ipynb` (docs/theory.md). The model:
 
     A ∈ R^{n×d} with i.i.d. N(0, 1/d) entries, teacher ŵ, labels y = Aŵ,
     loss f(w) = ½‖Aw − y‖² = ½ (w − ŵ)ᵀ B (w − ŵ)  with  B = AᵀA.
