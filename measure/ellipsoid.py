@@ -180,7 +180,11 @@ def _model_root(mu, r2, q, tt, rho):
     1/k = 1.5·r²·tt/q² − 1, b + μ = k·r²/(2q) (floats or 0-dim tensors alike)."""
     c = r2 / q
     inv_k = 1.5 * tt * c / q - 1
-    return mu + 0.5 * c / inv_k * ((r2 / (rho * rho)) ** inv_k - 1)
+    try:
+        power = (r2 / (rho * rho)) ** inv_k
+    except OverflowError:  # a Python float raises where a tensor gives inf; the caller clamps μ to its bracket
+        power = math.inf
+    return mu + 0.5 * c / inv_k * (power - 1)
 
 
 _HOST_MATH = (max, min, lambda condition, a, b: a if condition else b)

@@ -171,3 +171,25 @@ def test_the_ellipsoid_search_reads_its_sums_on_a_cpu_only_and_both_searches_agr
             assert worst_host == pytest.approx(worst_device, rel=1e-5)
             assert norm_host == pytest.approx(norm_device, rel=1e-5)
             assert gap_host <= ellipsoid.HOST_GAP_TARGET and gap_device <= 1e-4
+
+
+@pytest.mark.parametrize("host_scalars", [True, False], ids=["host", "device"])
+def test_a_model_step_whose_power_overflows_a_float_is_clamped_to_the_bracket(host_scalars):
+    """Scales spread over 11 decades (as in a width-2 network's |w|): the model's exponent 1/k
+    reaches ~800 on the first step, so (r²/ρ²)^(1/k) overflows a Python float (a tensor gives inf).
+    The step then lands on its bracket's bound and the search goes on; the result is still the
+    exact projection within its certificate (found by a random search over such cases)."""
+    scale = torch.tensor([557.5374145507812, 4.439583335624775e-06, 0.2024906873703003, 82.72029876708984,
+                          1.389667669826622e-08])
+    v = torch.tensor([-0.008954939432442188, -73.81475067138672, -0.010521544143557549, 1222.9720458984375,
+                      -8.385499000549316])
+    rho = 0.5
+    assert math.isinf(ellipsoid._model_root(0.004973703155464949, 218.5853729248047, 0.9514824151992798,
+                                            176.50546264648438, rho))
+    exact = _ellipsoid_solution(v, scale, rho)
+    projection = ellipsoid.EllipsoidProjection(scale, rho, host_scalars=host_scalars)
+    d, _ = projection(v)
+    gap = float(projection.take_gap())
+    assert gap <= 1e-4
+    assert weighted_norm(d.double(), scale.double()).item() <= rho * (1 + 1e-6)
+    assert bool(((d.double() - exact).abs() <= (gap + 2e-6) * exact.abs() + 1e-30).all())
