@@ -151,10 +151,10 @@ PROJECT_ROWS = (
     # The fast path with graph-captured steps, one member, then three members in lockstep (one CUDA
     # stream each, one process); scoring and evaluation are not captured: borrowed.
     Row("bf16+channels_last+graphs", FAST_FLAGS + ("--cuda_graphs",), part="graphs", kind="fast",
-        phases=TRAIN_PHASES, borrow="bf16+channels_last", reference="bf16+channels_last graph", cap_scale=0.5),
+        phases=TRAIN_PHASES, borrow="bf16+channels_last", reference="bf16+channels_last graph", cap_scale=0.4),
     Row("bf16+channels_last+graphs+lockstep", FAST_FLAGS + ("--cuda_graphs", "--lockstep"), part="graphs",
         kind="fast", phases=TRAIN_PHASES, borrow="bf16+channels_last",
-        reference="bf16+channels_last graph, 3 members on 3 streams", members=3, cap_scale=0.5),
+        reference="bf16+channels_last graph, 3 members on 3 streams", members=3, cap_scale=0.4),
     Row("bf16+channels_last+compile", FAST_FLAGS + ("--compile",), part="compile",
         kind="fast", phases=TRAIN_PHASES + ("eval",), borrow="bf16+channels_last",
         reference="bf16+channels_last graph", shared_as="bf16+channels_last"),
@@ -1079,10 +1079,11 @@ def graph_counts(benches):
     return {key: sum(bench.graphs.counts[key] for bench in benches) for key in benches[0].graphs.counts}
 
 
-def capture_pending(benches, kind, batches):
+def capture_pending(benches, kind, batches, cap):
     """With graph-captured steps: run, untimed, one step of every key of ``batches`` that has run
     eagerly but has no graph yet (its next step would be its capture), so that the second pass
-    replays only. A last partial batch stays last."""
+    replays only; each member stops after its share of ``cap`` seconds (a key left over is captured
+    in the second pass, which then says so). A last partial batch stays last."""
     for bench in benches:
         if bench.graphs is None or not bench.graphs.enabled:
             continue
@@ -1091,7 +1092,8 @@ def capture_pending(benches, kind, batches):
             if key in bench.graphs.warmed and key not in bench.graphs.graphs:
                 pending.setdefault(key, indices)
         if pending:
-            bench.train_pass(kind, sorted(pending.values(), key=lambda indices: len(indices) < bench.batch))
+            bench.train_pass(kind, sorted(pending.values(), key=lambda indices: len(indices) < bench.batch),
+                             cap / len(benches))
 
 
 def measure_epoch(benches, kind, cold_cap, warm_cap, max_steps, min_warm_steps):
@@ -1113,7 +1115,7 @@ def measure_epoch(benches, kind, cold_cap, warm_cap, max_steps, min_warm_steps):
     cold = run_pass(kind, batches, cold_cap, max_steps)
     first = batches[:len(cold)]
     after_cold = graph_counts(benches)
-    capture_pending(benches, kind, first)
+    capture_pending(benches, kind, first, cold_cap)
     full = all(len(b) == bench.batch for b in first)  # a last partial batch must stay last
     again = first * (math.ceil(min_warm_steps / len(first)) if full else 1)
     before_warm = graph_counts(benches)
@@ -1197,8 +1199,8 @@ def measure_row(row, cfg, device, deadline, entry, save, neighbours=None):
         return
     for i, bench in enumerate(benches):
         isolated(f"{row.label} start-up step, member {i}", bench.start_libraries)
-    # With graph-captured steps, a pass between the two (capture_pending) needs up to about the
-    # first pass's time.
+    # With graph-captured steps, a pass between the two (capture_pending) takes up to the first
+    # pass's cap.
     share = (0.4, 0.2) if row.graphs else (0.7, 0.3)
     for phase in row.phases:
         if phase in TRAIN_PHASES:
