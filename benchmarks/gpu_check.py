@@ -64,7 +64,7 @@ import torch  # noqa: E402
 
 from training.accel import COMPILE_BACKEND_ENV  # noqa: E402
 from utils import run_folder  # noqa: E402
-from utils.device import apply_cudnn  # noqa: E402
+from utils.device import CUBLAS_WORKSPACE_ENV, apply_cudnn  # noqa: E402
 
 # Relative. Two devices round differently and digits runs separate chaotically (ReLU inputs at zero on
 # the uniform background flip): with --lr 0.01, 2 epochs, width 8, a pure rounding change on one CPU
@@ -456,7 +456,24 @@ def graph_equality(cfg, device, flags, repeats):
     again, replayed). The graph side runs on a stream of its own, as a member does in main.py. Loss
     sums per step, weights and buffers (BatchNorm statistics) and momentum buffers are compared with
     ``torch.testing.assert_close``'s default tolerances; raises AssertionError naming the first that
-    differs beyond them, or when no step was replayed. Returns the figures."""
+    differs beyond them, or when no step was replayed. Returns the figures. The process's algorithm
+    flags and cuBLAS's workspace variable are as before afterwards (the smoke's later runs start
+    processes that inherit the environment)."""
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             os.environ.get(CUBLAS_WORKSPACE_ENV))
+    try:
+        return _graph_equality(cfg, device, flags, repeats)
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[:2]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+        if saved[4] is None:
+            os.environ.pop(CUBLAS_WORKSPACE_ENV, None)
+        else:
+            os.environ[CUBLAS_WORKSPACE_ENV] = saved[4]
+
+
+def _graph_equality(cfg, device, flags, repeats):
     from training.graphs import StepGraphs
     from training.lockstep import member_streams
     from training.steps import base_optimizer, mixed_step, sgd_step
@@ -1566,6 +1583,13 @@ def ok(entry):
     return isinstance(entry, dict) and "img_per_s" in entry
 
 
+def capture_note(row_entry):
+    """' (a capture FAILED: eager steps)' for a graph row whose captures failed in some phase (its
+    later figures are eager ones), else ''."""
+    failed = any(isinstance(e, dict) and e.get("graphs", {}).get("failed") for e in row_entry.values())
+    return " (a capture FAILED: eager steps)" if failed else ""
+
+
 def row_rates(label, rows):
     """(img/s per phase, seconds per new size) of a row, or None when a training phase is missing.
     Scoring and evaluation come from the row or, failing that, from the row it borrows from. For a
@@ -1606,10 +1630,11 @@ def projection_settings(summary):
             # Each member trains at 1/members of the aggregate; the scoring at the split and the
             # evaluations (a member's own, after its epoch) are counted one member after another.
             share = {p: rate / row.members for p, rate in rates.items()}
-            settings.append(dict(common, name=f"{row.label}, {row.members} members in lockstep", rates=share,
-                                 concurrent=True))
+            settings.append(dict(common, name=f"{row.label}, {row.members} members in lockstep"
+                                 f"{capture_note(rows[row.label])}", rates=share, concurrent=True))
             continue
-        settings.append(dict(common, name=f"{row.label}, members one after another", rates=rates, concurrent=False))
+        settings.append(dict(common, name=f"{row.label}, members one after another{capture_note(rows[row.label])}",
+                             rates=rates, concurrent=False))
         gains_from = shared_rows.get(row.shared_as or "", {})
         alone = rows.get(row.shared_as or "", {})
         if all(p in gains_from and ok(alone.get(p)) for p in SHARED_PHASES):
@@ -1661,8 +1686,9 @@ def comparisons(summary):
     rows, reference_rows = merged_rows(summary), parts.get("reference", {}).get("rows", {})
     shared_rows = parts.get("shared", {}).get("rows", {})
     kinds = {row.label: row.kind for row in PROJECT_ROWS}
-    pairs = [(f"{row.label} / {row.reference}", row.label, row.kind, row.members, row.graphs, rows.get(row.label, {}),
-              reference_rows.get(row.reference, {}), "img_per_s") for row in PROJECT_ROWS if row.reference]
+    pairs = [(f"{row.label}{capture_note(rows.get(row.label, {}))} / {row.reference}", row.label, row.kind,
+              row.members, row.graphs, rows.get(row.label, {}), reference_rows.get(row.reference, {}), "img_per_s")
+             for row in PROJECT_ROWS if row.reference]
     pairs += [(f"{label}, 3 processes sharing / {ref}", label, kinds[label], 3, False, shared_rows.get(label, {}),
                reference_rows.get(ref, {}), "aggregate_img_per_s") for label, ref in SHARED_REFERENCE.items()]
     pairs += [(f"bf16+channels_last / {CEILING}", "bf16+channels_last", "ceiling", 1, False,
@@ -1786,8 +1812,8 @@ def print_goals(summary, result):
         candidates = [pair for pair in result["versus_reference"]
                       if pair["kind"] == "fast" and pair["members"] == members and pair["graphs"]]
         for phase in ("sgd", "sam"):
-            best = max(((pair["ratios"][phase], pair["row"]) for pair in candidates if phase in pair["ratios"]),
-                       default=(None, "no row measured"))
+            best = max(((pair["ratios"][phase], pair["name"].split(" / ")[0]) for pair in candidates
+                        if phase in pair["ratios"]), default=(None, "no row measured"))
             who = "one member" if members == 1 else "3 members"
             goal(f"fast path {phase.upper()} / bare CUDA-graph reference, {who} ({best[1]})",
                  f">= {GOALS['fast_over_reference']}", best[0],

@@ -176,6 +176,13 @@ def test_every_part_runs_on_a_cpu(gpu_check, tmp_path, capsys, restore_torch_fla
           + 3 * events * lockstep_row["per_event"]) / 3600
     assert projected["bf16+channels_last+graphs+lockstep, 3 members in lockstep"]["CIFAR-10 sharpbalance"] == \
         pytest.approx(sb, rel=1e-9)
+    # A graph row whose captures failed ran eager steps: its settings and comparisons say so.
+    summary["parts"]["graphs"]["rows"]["bf16+channels_last+graphs"]["mixed"]["graphs"]["failed"] = 1
+    names = [setting["name"] for setting in gpu_check.projection_settings(summary)]
+    assert "bf16+channels_last+graphs, members one after another (a capture FAILED: eager steps)" in names
+    assert "bf16+channels_last+graphs+lockstep, 3 members in lockstep" in names
+    assert any(pair["name"].startswith("bf16+channels_last+graphs (a capture FAILED: eager steps) / ")
+               for pair in gpu_check.comparisons(summary))
 
 
 def test_epoch_estimate_by_hand(gpu_check):
@@ -321,8 +328,11 @@ def test_graph_equality_finds_a_wrong_gather(gpu_check, monkeypatch, restore_tor
     in the wrong order (normal rows not first): the mixed step's sub-batches are then other samples."""
     from training.graphs import StepGraphs
     cfg = dict(gpu_check.QUICK, quick=True)
+    torch.use_deterministic_algorithms(False)
     got = gpu_check.graph_equality(cfg, torch.device("cpu"), (), 1)
     assert got["identical"] and got["counts"]["replayed"] > 0
+    # It ran under --cudnn deterministic and leaves the process as it found it.
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
 
     def plain_copy(self, key, images, targets, mask):
         static_images, static_targets = self._static_inputs(key[1] + key[2], images, targets)
