@@ -577,11 +577,7 @@ def smoke(args, cfg, device):
         elif deadline.allows(8, f"CPU run of {method}"):
             runs[("cpu", method)] = train("cpu", method, "cpu")
 
-    say("agreement with the CPU:")
-    for method in trained:
-        a, b = runs.get(("device", method)), runs.get(("cpu", method))
-        if not a or not b:
-            continue
+    def agree_with_cpu(method, a, b):
         entry = agreement(a, b, cfg["smoke_seeds"])
         if "mask_entries_differing" in entry:
             differ = entry["mask_entries_differing"]
@@ -592,6 +588,12 @@ def smoke(args, cfg, device):
         result["agreement"][method] = entry
         say(f"  {method:13s} final train/val losses agree to {entry['final_loss_max_rel_diff']:.3f} relative "
             f"(tolerance {SMOKE_LOSS_TOLERANCE}): {'ok' if entry['ok'] else 'NOT OK'}")
+
+    say("agreement with the CPU:")
+    for method in trained:
+        a, b = runs.get(("device", method)), runs.get(("cpu", method))
+        if a and b:
+            isolated(f"agreement of {method}", agree_with_cpu, method, a, b)
 
     sb = runs.get(("device", "sharpbalance"))
     if sb:
@@ -631,21 +633,22 @@ def smoke(args, cfg, device):
     say(f"SharpBalance with the step options on {device}, against the CPU run (split masks, final losses within "
         f"{SMOKE_LOSS_TOLERANCE}) and the eager run of the same precision on {device}:")
     cpu_sb = runs.get(("cpu", "sharpbalance"))
-    for i in cfg["smoke_graph_runs"]:
-        flags = device_flags(GRAPH_SMOKE_RUNS[i], device)
-        label = " ".join(flags)
-        if not deadline.allows(6, f"main.py {label}"):
-            continue
-        run = train(f"graphs{i}", "sharpbalance", str(device), flags)
-        entry = result["graphs"][label] = {"error": result["runs"][f"graphs{i}/sharpbalance"]["error"]}
+
+    def step_option_run(tag, flags):
+        """SharpBalance with ``flags``: against the CPU run and the device's eager run, no failed capture."""
+        run = train(tag, "sharpbalance", str(device), flags)
+        entry = result["graphs"][" ".join(flags)] = {"error": result["runs"][f"{tag}/sharpbalance"]["error"],
+                                                     "ok": False}
         if not run:
-            continue
-        entry["capture_failures"] = log_lines(log_of(f"graphs{i}", "sharpbalance"), CAPTURE_FAILED)
+            return
+        entry["capture_failures"] = log_lines(log_of(tag, "sharpbalance"), CAPTURE_FAILED)
         parts = [f"{len(entry['capture_failures'])} failed captures"]
         if cpu_sb:
             entry.update(agreement(run, cpu_sb, cfg["smoke_seeds"]))
             parts.insert(0, f"split masks {'identical' if entry['mask_entries_differing'] == 0 else 'DIFFER'}, "
                             f"losses {entry['final_loss_max_rel_diff']:.3f} from the CPU's")
+        else:
+            parts.insert(0, "no CPU run to compare with")
         eager = eager_runs.get(tuple(f for f in flags if f not in ("--cuda_graphs", "--lockstep")))
         if eager:
             entry["eager_loss_max_rel_diff"] = agreement(run, eager, cfg["smoke_seeds"])["final_loss_max_rel_diff"]
@@ -655,18 +658,27 @@ def smoke(args, cfg, device):
         say(f"    {'; '.join(parts)}: {'ok' if entry['ok'] else 'NOT OK'}")
         for line in entry["capture_failures"][:2]:
             say(f"    {line}")
-    hooks_flags = device_flags(HOOKS_SMOKE_FLAGS, device)
-    if deadline.allows(6, "main.py " + " ".join(hooks_flags)):
-        run = train("hooks", "sharpbalance", str(device), hooks_flags)
+
+    def hooks_run(flags):
+        """SharpBalance scoring a fast-path model with the hooks: it must end without a traceback."""
+        run = train("hooks", "sharpbalance", str(device), flags)
         with open(log_of("hooks", "sharpbalance")) as f:
             text = f.read()
-        entry = result["hooks"] = {"flags": list(hooks_flags), "error": result["runs"]["hooks/sharpbalance"]["error"],
+        entry = result["hooks"] = {"flags": list(flags), "error": result["runs"]["hooks/sharpbalance"]["error"],
                                    "traceback": "Traceback" in text,
                                    "fallbacks": [line for line in text.splitlines()
                                                  if line.startswith("warning: --score_backend")]}
         entry["ok"] = run is not None and not entry["traceback"]
         say(f"    {'no traceback' if entry['ok'] else 'FAILED'}; the hooks fell back to torch.func "
             f"{len(entry['fallbacks'])} times (a warning line each)")
+
+    for i in cfg["smoke_graph_runs"]:
+        flags = device_flags(GRAPH_SMOKE_RUNS[i], device)
+        if deadline.allows(6, "main.py " + " ".join(flags)):
+            isolated("main.py " + " ".join(flags), step_option_run, f"graphs{i}", flags)
+    hooks_flags = device_flags(HOOKS_SMOKE_FLAGS, device)
+    if deadline.allows(6, "main.py " + " ".join(hooks_flags)):
+        isolated("main.py " + " ".join(hooks_flags), hooks_run, hooks_flags)
 
     say("graph-captured steps against the eager steps (same batches and weights, --cudnn deterministic, TF32 off):")
     for flags in EQUALITY_SETTINGS:
