@@ -37,12 +37,13 @@ OUT_DIR=results/gpu_check
 DEFAULT_PARTS="smoke throughput cudnn reference shared graphs projection"
 PARTS="$DEFAULT_PARTS"
 QUICK=()
+SCALE=1
 while (($#)); do
     case "$1" in
         --device) DEVICE="$2"; shift 2 ;;
         --out) OUT_DIR="$2"; shift 2 ;;
         --parts) PARTS="$2"; shift 2 ;;
-        --quick) QUICK=(--quick); shift ;;
+        --quick) QUICK=(--quick); SCALE=2; shift ;;
         *) echo "error: unknown argument '$1' (--device D, --out DIR, --parts \"...\", --quick)" >&2; exit 2 ;;
     esac
 done
@@ -50,6 +51,8 @@ export PYTHONUNBUFFERED=1
 # Seconds per part: 86 + 85 + 40 + 30 + 35 + 42 + 12 = 330 s for the default parts, under 6 minutes with
 # the shell's own seconds (each part starts a Python process, which imports torch and starts CUDA; the
 # version line below starts one more). benchmarks/README.md says what each part is estimated to need.
+# --quick doubles them: toy sizes on a CPU check the code, and a CPU (a shared one above all) takes
+# longer than an H200 to start the smoke's fresh processes.
 declare -A LIMIT=([smoke]=86 [throughput]=85 [cudnn]=40 [reference]=30 [shared]=35 [graphs]=42 [projection]=12 [compile]=150)
 
 for part in $PARTS; do
@@ -74,7 +77,7 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU visible'
     fi
     local status=0 start=$SECONDS part limit rc
     for part in $PARTS; do
-        limit="${LIMIT[$part]}"
+        limit=$((${LIMIT[$part]} * SCALE))
         echo
         echo "=== $part (limit ${limit}s) ==="
         # The part keeps 8 s of its limit to print and save what it has; `timeout` is the backstop.

@@ -124,6 +124,9 @@ def test_every_part_runs_on_a_cpu(gpu_check, tmp_path, capsys, restore_torch_fla
                            "--out", out, "--parts", "projection"], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     text = done.stdout
+    with open(os.path.join(ROOT, "benchmarks", "gpu_check.sh")) as f:
+        limit = int(re.search(r"\[projection\]=(\d+)", f.read()).group(1))
+    assert f"=== projection (limit {2 * limit}s) ===" in text  # --quick doubles the limits
     assert text.index("=== projection") < text.index("whole Figure 7") < text.index("--cudnn settings") \
         < text.index("project / reference") < text.index("three members on one GPU") < text.index("goals (one H200")
     assert "fast path SAM / bare CUDA-graph reference, 3 members (bf16+channels_last+graphs+lockstep)" in text
