@@ -13,11 +13,12 @@ import os
 import sys
 
 from data import build_datasets
-from training.accel import add_fast_path_args, check_fast_path
-from training.scores import SHARPNESS_BACKENDS
-from training.split import SELECT_CHOICES, SPLIT_RULE_CHOICES, TRAIN_SUBSET_CHOICES
+from training.accel import add_fast_path_args, add_training_fast_path_args, check_fast_path
+from training.scores import SCORE_BACKENDS
+from training.method import method_name
+from training.partition import SELECT_CHOICES, SPLIT_RULE_CHOICES, TRAIN_SUBSET_CHOICES
 from utils.args import add_data_args, add_device_args, add_model_args, make_parser, parse_seeds, str2bool
-from utils.device import select_device
+from utils.device import apply_cudnn, select_device
 from utils.distributed import barrier, destroy, dist_env, init_distributed
 from utils.errors import UserError, run_main
 
@@ -27,7 +28,7 @@ def get_parser():
     add_data_args(parser, flag="--data")
     add_model_args(parser)
     add_device_args(parser)
-    add_fast_path_args(parser)
+    add_training_fast_path_args(add_fast_path_args(parser))
     opt = parser.add_argument_group("optimisation (released defaults)")
     opt.add_argument("--epochs", type=int, default=200, help="training epochs per member")
     opt.add_argument("--lr", type=float, default=0.1, help="initial SGD learning rate")
@@ -44,7 +45,7 @@ def get_parser():
     sb.add_argument("--flat_ratio", type=float, default=0.0,
                     help="SharpBalance: fraction k of samples each member marks (0 = plain DE / DE+SAM)")
     sb.add_argument("--initial_epochs", type=int, default=-1,
-                    help="SAM on all data for initial_epochs+1 epochs, then split once")
+                    help="SAM on all data for initial_epochs+1 epochs, then partition once")
     sb.add_argument("--train_subset", default="boosting", choices=TRAIN_SUBSET_CHOICES,
                     help="boosting = SharpBalance; random / same = the paper's ablations")
     sb.add_argument("--select", default="flattest", choices=SELECT_CHOICES,
@@ -54,9 +55,10 @@ def get_parser():
     sb.add_argument("--freeze_bn_on_perturbed", type=str2bool, default=False, metavar="{True,False}",
                     help="keep BatchNorm running statistics fixed on SAM's perturbed pass (release: False)")
     sb.add_argument("--score_chunk", type=int, default=64, help="samples per chunk when scoring")
-    sb.add_argument("--score_backend", default="func", choices=SHARPNESS_BACKENDS,
-                    help="per-sample gradient norms: func = torch.func vmap(grad); hooks = exact per-layer "
-                         "norms from one batched backward (about 2x faster on CPU); auto = hooks where exact")
+    sb.add_argument("--score_backend", default="func", choices=SCORE_BACKENDS,
+                    help="per-sample squared gradient norms: func = torch.func vmap(grad); hooks = exact "
+                         "per-layer norms from one batched backward (faster on a CPU, see benchmarks/README.md); "
+                         "auto = hooks where exact")
     run = parser.add_argument_group("run")
     run.add_argument("--seed", nargs="+", default=["13", "17", "27"],
                      help='one member per seed: --seed 13 17 27 or --seed "13 17 27"')
@@ -65,7 +67,8 @@ def get_parser():
                      help="a run to continue in a fresh --save_path (its files are copied in after the checks), "
                           "or, with --evaluate, the run to evaluate (default: --save_path; rerunning resumes)")
     run.add_argument("--evaluate", action="store_true", help="only evaluate the checkpoints (val and test)")
-    run.add_argument("--print-freq", dest="print_freq", type=int, default=50, help="progress-bar update period (batches)")
+    run.add_argument("--print-freq", dest="print_freq", type=int, default=50,
+                     help="the progress bars are redrawn every this many batches")
     run.add_argument("--no_progress", action="store_true", help="no progress bars (one summary line per epoch)")
     return parser
 
@@ -77,28 +80,30 @@ def check_args(args):
         raise UserError(str(err)) from None
     if not args.seeds:
         raise UserError("--seed needs at least one seed")
+    outside = [s for s in args.seeds if not 0 <= s < 2 ** 32]
+    if outside:
+        raise UserError(f"--seed {outside[0]} is out of range: seeds are integers from 0 to {2 ** 32 - 1} "
+                        "(numpy seeds each member's initialisation with it)")
     if len(set(args.seeds)) != len(args.seeds):
         raise UserError(f"--seed has duplicates ({' '.join(map(str, args.seeds))}); members need distinct seeds")
-    if not 0 <= args.flat_ratio < 1:
-        raise UserError(f"--flat_ratio must be in [0, 1), got {args.flat_ratio}")
+    method = method_name(args)  # refuses a --flat_ratio outside [0, 1), or one without --sam True
     for flag in ("lr", "momentum", "weight_decay", "rho"):
         if not (math.isfinite(getattr(args, flag)) and getattr(args, flag) >= 0):
             raise UserError(f"--{flag} must be >= 0 (and finite), got {getattr(args, flag)}")
     if args.momentum >= 1:
         raise UserError(f"--momentum must be < 1 (SGD momentum), got {args.momentum}")
-    for flag in ("epochs", "batch_size", "eval_batch_size", "score_chunk", "width"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
-    if args.flat_ratio > 0 and not args.sam:
-        raise UserError("--flat_ratio > 0 is SharpBalance, which needs --sam True")
-    if args.flat_ratio > 0 and args.initial_epochs + 1 >= args.epochs:
-        raise UserError(f"--initial_epochs {args.initial_epochs} with --epochs {args.epochs}: the split happens "
-                        f"after initial_epochs+1 epochs and would never happen; use --initial_epochs < {args.epochs - 1}")
+    for flag in ("epochs", "batch_size", "eval-batch-size", "score_chunk", "width", "print-freq"):
+        value = getattr(args, flag.replace("-", "_"))
+        if value < 1:
+            raise UserError(f"--{flag} must be a positive integer, got {value}")
+    if method == "sharpbalance" and args.initial_epochs + 1 >= args.epochs:
+        raise UserError(f"--initial_epochs {args.initial_epochs} with --epochs {args.epochs}: the SharpBalance "
+                        "partition happens after initial_epochs+1 epochs and would never happen; "
+                        f"use --initial_epochs < {args.epochs - 1}")
     if args.initial_epochs < -1:
         raise UserError(f"--initial_epochs must be >= -1, got {args.initial_epochs}")
     if args.save_path is None:
-        from training.trainer import method_name
-        args.save_path = os.path.join("runs", f"{args.data}_{method_name(args)}")
+        args.save_path = os.path.join("runs", f"{args.data}_{method}")
 
 
 def load_splits(args, rank, world_size):
@@ -116,6 +121,7 @@ def main(argv=None):
     check_args(args)
     device = select_device(args.device, local_rank=dist_env()[2])
     check_fast_path(args, device)
+    apply_cudnn(args.cudnn)  # process-wide, before any model exists
     rank, world_size = init_distributed(device, args.device)
     try:
         splits = load_splits(args, rank, world_size)

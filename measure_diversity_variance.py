@@ -8,9 +8,9 @@ Modes (comma-separated):
                   image (all corruptions × 5 severities), also per corruption, severity and cell
   variance_mse    the same on the clean test set
 The data are streamed: each batch goes through all members and is reduced at once, so memory does
-not grow with the number of images. Output: <save>/<mode>.json and .csv, written when every split is
-done; until then <save>/<mode>.partial.json keeps each finished split's sums, and rerunning the same
-command continues from them.
+not grow with the number of images. Output: <save>/<mode>.json and .csv, written when every eval set
+is done; until then <save>/<mode>.partial.json keeps each finished eval set's sums, and rerunning the
+same command continues from them.
 """
 from tqdm import tqdm
 
@@ -26,34 +26,34 @@ def get_parser():
     return parser
 
 
-def stream_variance(splits, members, device, batch_size, partial, total=None):
-    """VarianceAccumulator over ``splits``, keyed by split key; one pass, constant memory. Each
-    split's sums go to ``partial`` when it is done, and a split found there is not run again."""
+def stream_variance(eval_sets, members, device, batch_size, partial, total=None):
+    """VarianceAccumulator over ``eval_sets``, keyed by their keys; one pass, constant memory. Each
+    eval set's sums go to ``partial`` when it is done, and one found there is not run again."""
     models = [m.model for m in members]
     accumulator = metrics.VarianceAccumulator()
     try:
-        for split in tqdm(splits, total=total, desc="splits"):
-            sources = inputs.source_stats(split)
-            done = partial.get(split.key, sources)
+        for eval_set in tqdm(eval_sets, total=total, desc="eval sets"):
+            sources = inputs.source_stats(eval_set)
+            done = partial.get(eval_set.key, sources)
             if done is not None:
-                if done["count"]:  # an empty split adds no key, as update() would not
-                    accumulator.totals[split.key], accumulator.counts[split.key] = done["total"], done["count"]
+                if done["count"]:  # an empty eval set adds no key, as update() would not
+                    accumulator.totals[eval_set.key], accumulator.counts[eval_set.key] = done["total"], done["count"]
                 continue
-            for logits, _ in forward.member_forward(models, split.dataset, batch_size, device,
-                                                    desc=f"variance {split.key}"):
-                accumulator.update(split.key, logits.double().cpu().numpy())
-            partial.add(split.key, sources, {"total": accumulator.totals.get(split.key, 0.0),
-                                             "count": accumulator.counts.get(split.key, 0)})
-    finally:  # also on Ctrl-C or an error: every finished split goes to disk
+            for logits, _ in forward.member_forward(models, eval_set.dataset, batch_size, device,
+                                                    desc=f"variance {eval_set.key}"):
+                accumulator.update(eval_set.key, logits.double().cpu().numpy())
+            partial.add(eval_set.key, sources, {"total": accumulator.totals.get(eval_set.key, 0.0),
+                                             "count": accumulator.counts.get(eval_set.key, 0)})
+    finally:  # also on Ctrl-C or an error: every finished eval set goes to disk
         partial.flush()
     return accumulator
 
 
-def _recording(splits, cells):
-    """Pass the splits through, noting (key, corruption, severity) of each."""
-    for split in splits:
-        cells.append((split.key, split.corruption, split.severity))
-        yield split
+def _recording(eval_sets, cells):
+    """Pass the eval sets through, noting (key, corruption, severity) of each."""
+    for eval_set in eval_sets:
+        cells.append((eval_set.key, eval_set.corruption, eval_set.severity))
+        yield eval_set
 
 
 def pooled(accumulator, keys):
@@ -106,6 +106,9 @@ def main(argv=None):
     if "variance_mse_c" in modes and not corruptions:
         raise UserError("variance_mse_c needs the -C set; drop --corruptions none or use --mode variance_mse")
     inputs.check_corruption_files(args, corruptions)
+    modes, keys = cli.modes_to_measure(args, modes, inputs.data_sources(args, corruptions))
+    if not modes:
+        return
     device, members, spec = cli.open_run(args, min_members=2)
     meta = result_files.run_metadata(args, __file__, members, spec, device,
                                  definition="mean over inputs of the sum over classes of the unbiased "
@@ -122,11 +125,11 @@ def main(argv=None):
         else:
             result, rows = measure_clean(args, members, device, partial)
             payload = dict(meta=dict(meta, mode=mode), **result)
-        result_files.write_results(args.save, mode, payload, rows)
+        result_files.write_results(args.save, mode, payload, rows, key=keys[mode])
         print(f"{mode}: variance {result['variance_unbias']:.6g} over {result['n']} images", flush=True)
     for partial in partials.values():
         partial.finish()
 
 
 if __name__ == "__main__":
-    run_main(main, interrupted=cli.SPLITS_INTERRUPTED)
+    run_main(main, interrupted=cli.EVAL_SETS_INTERRUPTED)

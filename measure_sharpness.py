@@ -18,14 +18,14 @@ Output: <save>/<mode>.json and .csv, keys <norm>_<rho>.
 """
 import numpy as np
 
-from measure import cli, inputs, result_files, sharpness
+from measure import cli, ellipsoid, inputs, result_files, sharpness
 from utils.args import str2bool
 from utils.errors import MEASURE_INTERRUPTED, UserError, run_main
 
 MODES = ("APGD_worst", "APGD_average", "fisher")
 PRESETS = {"release": dict(rho="0.5", norm="l2,linf", batch_num=100, eval_batch_size=5),
            "tml": dict(rho="0.001,0.002,0.004,0.008", norm="linf", batch_num=8, eval_batch_size=128)}
-SUMMARY_KEYS = ("sharpness", "error_increase", "max_delta_norm", "init_loss", "init_error")
+SUMMARY_KEYS = ("sharpness", "error_increase", "max_delta_norm", "init_loss", "init_error", "saturated_fraction")
 
 
 def get_parser():
@@ -106,10 +106,26 @@ def tidy(mode, individual):
     return rows
 
 
+def saturation_note(mode, key, individual):
+    """One line when most batches' worst-case loss reached a uniform guess's: the number is then
+    saturated (it measures how far the logits blow up, not flatness)."""
+    fractions = [r[key].get("saturated_fraction") for r in individual]
+    if mode != "APGD_worst" or not fractions or None in fractions or max(fractions) < 0.5:
+        return
+    chance = individual[0][key]["uniform_loss"]
+    print(f"note: {key} is saturated: on {100 * max(fractions):.0f}% of a member's batches the worst-case loss "
+          f"reached ln C = {chance:.3f}, the loss of a uniform guess, so the perturbation destroys the model and "
+          "the number says how large the logits grow, not how flat the minimum is; compare models at a smaller "
+          "--rho (e.g. 0.05)", flush=True)
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     modes = cli.parse_modes(args.mode, MODES)
     rhos, norms = resolve_settings(args)
+    modes, keys = cli.modes_to_measure(args, modes, inputs.data_sources(args))
+    if not modes:
+        return
     device, members, spec = cli.open_run(args, min_members=1)
     batches, indices = fixed_batches(args, device)
     meta = result_files.run_metadata(
@@ -119,7 +135,7 @@ def main(argv=None):
         batch_size=args.eval_batch_size, batch_seed=args.seed, logit_norm=args.logit_norm,
         split="train (no augmentation, eval mode)", sample_indices=indices,
         apgd_checkpoints=sharpness.apgd_checkpoints(args.n_iters),
-        ellipsoid_search=sharpness.ellipsoid_search(device))
+        ellipsoid_search=ellipsoid.ellipsoid_search(device))
     for mode in modes:
         individual = [measure_member(mode, m.model, batches, args, rhos, norms) for m in members]
         if mode == "fisher":
@@ -136,7 +152,9 @@ def main(argv=None):
             for key, value in mean.items():
                 per = ", ".join(f"{r[key]['sharpness']:.4g}" for r in individual)
                 print(f"{mode} {key}: mean {value:.4g} (members {per})", flush=True)
-        result_files.write_results(args.save, mode, dict(meta=dict(meta, mode=mode), **payload), rows)
+                saturation_note(mode, key, individual)
+        result_files.write_results(args.save, mode, dict(meta=dict(meta, mode=mode), **payload), rows,
+                                   key=keys[mode])
 
 
 if __name__ == "__main__":

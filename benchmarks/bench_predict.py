@@ -69,7 +69,7 @@ def main(argv=None):
     for seed in range(args.members):
         torch.manual_seed(seed)
         model = create_model("resnet18", 10, width=args.width).to(device).eval()
-        members.append(loading.Member(f"member{seed}", model, seed))
+        members.append(loading.LoadedMember(f"member{seed}", model, seed))
     models = [m.model for m in members]
     bare_loop(models, dataset, args.batch_size, device)  # warm-up (allocator, kernels, device copy)
     times = {"bare": [], "predict": []}

@@ -1,4 +1,4 @@
-"""Cost of worst-case sharpness (measure_sharpness.py --mode APGD_worst), issue 11's benchmark.
+"""Cost of worst-case sharpness (measure_sharpness.py --mode APGD_worst).
 
 (a) One APGD iteration against a bare forward + backward pass of the same batch (5 digits
     training images, a trained ResNet18 of width --width), in one process, interleaved over
@@ -44,6 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.bench_training import machine_description, pick_device, synchronize  # noqa: E402
 from measure import sharpness  # noqa: E402
+from measure.ellipsoid import EllipsoidProjection, ellipsoid_search, project_l2_ellipsoid_bisection  # noqa: E402
 
 SEEDS = ("13", "17", "27")
 
@@ -72,7 +73,7 @@ class BisectionProjection:
         self.scale, self.rho = scale, rho
 
     def __call__(self, v, start=None):
-        return sharpness.project_l2_ellipsoid_bisection(v, self.scale, self.rho), None
+        return project_l2_ellipsoid_bisection(v, self.scale, self.rho), None
 
     def take_gap(self):
         return None
@@ -95,8 +96,8 @@ def part_a(args, run_dir, device):
     x, y = measure_sharpness.fixed_batches(settings, device)[0][0]
     flat = sharpness.FlatModel(model)
     scale = flat.w0.abs()
-    ellipsoid, bisection = sharpness.EllipsoidProjection(scale, 0.5), BisectionProjection(scale, 0.5)
-    on_device = sharpness.EllipsoidProjection(scale, 0.5, host_scalars=False)
+    ellipsoid, bisection = EllipsoidProjection(scale, 0.5), BisectionProjection(scale, 0.5)
+    on_device = EllipsoidProjection(scale, 0.5, host_scalars=False)
     n_fb, gaps = 20, []
 
     def forward_backward():
@@ -168,7 +169,7 @@ def part_a(args, run_dir, device):
           f"rho 0.5, {args.repeats} interleaved rounds (medians)")
     print("| per call | median ms | min ms | / fwd+bwd | projection's share |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    default_search = sharpness.ellipsoid_search(device)
+    default_search = ellipsoid_search(device)
     labels = {"fwd+bwd": "forward + backward", "apgd l2": f"APGD iteration, adaptive l2 ({default_search})",
               "apgd l2, device scalars": "APGD iteration, adaptive l2 (device scalars)",
               "apgd linf": "APGD iteration, adaptive linf", "apgd l2, bisection": "APGD iteration, l2, bisection"}
@@ -201,7 +202,7 @@ def part_b(args, run_dir, device):
     for index, member in enumerate(members):
         flat = sharpness.FlatModel(member.model.eval())
         scale = flat.w0.abs()
-        units = [("l2", "l2", sharpness.EllipsoidProjection(scale, 0.5)),
+        units = [("l2", "l2", EllipsoidProjection(scale, 0.5)),
                  ("l2, bisection", "l2", BisectionProjection(scale, 0.5))]
         units = (units if index % 2 == 0 else units[::-1]) + [("linf", "linf", None)]
         if args.skip_bisection_measurement:

@@ -1,4 +1,4 @@
-"""Cost of SharpBalance's phases against plain SGD, for one ensemble member (issue 3's benchmark).
+"""Cost of SharpBalance's phases against plain SGD, for one ensemble member.
 
 For the same member (ResNet18 at a small width, synthetic 32x32 images, 10 classes) this times, in
 one process and interleaved over ``--repeats`` rounds:
@@ -39,9 +39,10 @@ import torch  # noqa: E402
 from data.arrays import BatchLoader, ImageArrayDataset  # noqa: E402
 from models import create_model  # noqa: E402
 from training.engine import train_one_epoch  # noqa: E402
+from utils.device import cpu_name  # noqa: E402
 from training.sam import SAM  # noqa: E402
-from training.scores import per_sample_sharpness  # noqa: E402
-from training.split import sam_masks  # noqa: E402
+from training.scores import squared_grad_norms  # noqa: E402
+from training.partition import sam_masks  # noqa: E402
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -53,7 +54,7 @@ def parse_args(argv=None):
     parser.add_argument("--images", type=int, default=2048, help="synthetic 32x32 training images")
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--score_chunk", type=int, default=64, help="per-sample sharpness chunk size")
+    parser.add_argument("--score_chunk", type=int, default=64, help="samples per chunk when scoring")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (each phase once per round)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -73,15 +74,7 @@ def pick_device(name):
 
 
 def machine_description(device):
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_name()
     info = {"cpu": cpu, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
     if device.type == "cuda":
@@ -139,7 +132,7 @@ def main(argv=None):
 
     def scoring(backend):
         def run():
-            per_sample_sharpness(model, score_loader, device, chunk_size=args.score_chunk, backend=backend)
+            squared_grad_norms(model, score_loader, device, chunk_size=args.score_chunk, backend=backend)
             return {}
         return run
 

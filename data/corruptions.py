@@ -31,8 +31,8 @@ import functools
 
 import numpy as np
 
-# scipy (ndimage, fft) is imported in the functions that use it: importing it costs every process
-# about 0.4 s, and only building a corrupted set needs it, not training or measuring.
+# scipy (ndimage, fft) is imported in the functions that use it: only building a corrupted set needs
+# it, and importing it would slow the start of every training and measuring process.
 
 CORRUPTIONS = (
     "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",

@@ -104,16 +104,18 @@ def load_cifar(name, root, download=False):
     directory = os.path.join(root, folder)
     expected = [os.path.join(directory, f) for f in train_files + test_files]
     missing = [p for p in expected if not os.path.isfile(p)]
-    if missing and download:
-        reason = _download_cifar(name, root)
-        missing = [p for p in expected if not os.path.isfile(p)]
-        if missing:
-            raise UserError(f"{name} not found at '{directory}' and the download failed ({reason}); "
-                            f"put the extracted python version ({folder}/ with {', '.join(train_files + test_files)}) "
-                            f"under --data_path {root}")
+    reason = _download_cifar(name, root) if missing and download else None
+    missing = [p for p in expected if not os.path.isfile(p)]
     if missing:
-        raise UserError(f"{name} file '{missing[0]}' is missing; put the extracted python version "
-                        f"({folder}/) under --data_path {root}")
+        # Name the first missing file, not only the folder: a copy can lack a single batch.
+        what = f"{name} file '{missing[0]}' is missing"
+        if len(missing) == len(expected):
+            what = f"{name} not found at '{directory}' ('{missing[0]}' is missing)"
+        elif len(missing) > 1:
+            what += f" (and {len(missing) - 1} more)"
+        failed = f" and the download failed ({reason})" if reason else ""
+        raise UserError(f"{what}{failed}; put the extracted python version ({folder}/ with "
+                        f"{', '.join(train_files + test_files)}) under --data_path {root}")
     num_classes = dataset_info(name).num_classes
     train = [_read_cifar_pickle(os.path.join(directory, f), label_key, num_classes) for f in train_files]
     test = [_read_cifar_pickle(os.path.join(directory, f), label_key, num_classes) for f in test_files]

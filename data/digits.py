@@ -64,13 +64,6 @@ def digits_c_seed(corruption, severity):
     return 1000 * CORRUPTIONS.index(corruption) + int(severity)
 
 
-def _save_atomic(path, array):
-    """Write ``array`` to ``path`` as .npy through a temporary file in the same folder, then
-    os.replace, so a reader never sees a half-written file; with the user's umask (not mkstemp's 0600)."""
-    from utils.checkpoint import atomic_write  # imports torch: only when digits-C is generated
-    atomic_write(path, lambda handle: np.save(handle, array))
-
-
 def _is_valid(path, shape, dtype):
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -104,5 +97,13 @@ def build_digits_c(root):
             array = np.tile(labels[test], len(SEVERITIES))
         else:
             array = np.concatenate([corrupt(clean, name, s, digits_c_seed(name, s)) for s in SEVERITIES])
-        _save_atomic(os.path.join(directory, name + ".npy"), array)
+        # Atomic, so a reader never sees a half-written file (utils.checkpoint imports torch: only here).
+        from utils.checkpoint import atomic_write
+        atomic_write(os.path.join(directory, name + ".npy"), lambda f: np.save(f, array), mode="wb")
     return directory
+
+
+if __name__ == "__main__":
+    # python -m data.digits ROOT: build digits-C once (scripts/figure7.sh, before the measurements).
+    import sys
+    print("digits-C in", build_digits_c(sys.argv[1]))

@@ -4,17 +4,19 @@ import random
 import numpy as np
 import torch
 
-from measure.loading import CHECKPOINT_FILES, load_members
+from measure import result_files
+from measure.loading import CHECKPOINT_FILES, find_member_checkpoints, load_members
 from measure.result_files import check_output_folder
 from training.accel import FastPath, add_fast_path_args, check_fast_path
 from utils.args import add_data_args, add_device_args, add_model_args, make_parser
-from utils.device import select_device
+from utils.device import apply_cudnn, select_device
 from utils.errors import UserError
 
 
-# Ctrl-C in a script that keeps finished splits in <save>/<mode>.partial.json (run_main's ``interrupted``).
-SPLITS_INTERRUPTED = ("interrupted: the splits measured so far are kept in <save>/<mode>.partial.json; "
-                      "rerun the same command to continue from them")
+# Ctrl-C in a script that keeps its finished eval sets in <save>/<mode>.partial.json (run_main's
+# ``interrupted``).
+EVAL_SETS_INTERRUPTED = ("interrupted: the eval sets measured so far are kept in <save>/<mode>.partial.json; "
+                         "rerun the same command to continue from them")
 
 
 def build_parser(description, modes, default_mode, eval_batch_size, eval_batch_help="images per forward pass",
@@ -43,6 +45,9 @@ def build_parser(description, modes, default_mode, eval_batch_size, eval_batch_h
     group.add_argument("--allow_incomplete", action="store_true",
                        help="measure an ensemble with a missing seed_<s>/ folder or a member that stopped before "
                             "its planned epochs (refused by default; the result files record it)")
+    group.add_argument("--skip_finished", action="store_true",
+                       help="skip a mode whose <save>/<mode>.json was measured with the same arguments from unchanged "
+                            "checkpoint and data files (as <mode>.key.json records); scripts/ pass it")
     return parser, group
 
 
@@ -54,6 +59,30 @@ def parse_modes(text, valid):
     return list(dict.fromkeys(modes))
 
 
+def modes_to_measure(args, modes, sources):
+    """The modes to measure and each one's result key (``result_files.result_key``). With
+    --skip_finished a mode whose result was measured from the same arguments and files is left out,
+    with a line saying so; checked before any model or data is loaded. ``sources``: the data files
+    the script reads (``inputs.data_sources``)."""
+    check_seed(args)
+    paths = find_member_checkpoints(args.resume, args.checkpoint)
+    device_type = select_device(args.device).type
+    keys = {mode: result_files.result_key(args, mode, paths, sources, device_type) for mode in modes}
+    todo = []
+    for mode in modes:
+        if args.skip_finished and result_files.finished_result(args.save, mode, keys[mode]):
+            print(f"skip measuring {mode}: '{args.save}/{mode}.json' was measured with these arguments from the "
+                  "same checkpoint and data files", flush=True)
+        else:
+            todo.append(mode)
+    return todo, keys
+
+
+def check_seed(args):
+    if not 0 <= args.seed < 2 ** 32:
+        raise UserError(f"--seed {args.seed} is out of range: use an integer from 0 to {2 ** 32 - 1}")
+
+
 def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -63,6 +92,7 @@ def set_seed(seed):
 def open_run(args, min_members=1):
     """Seed, output folders, device and members: the start every measure script shares, all
     checked before the first long pass."""
+    check_seed(args)
     set_seed(args.seed)
     if args.eval_batch_size is not None and args.eval_batch_size < 1:
         raise UserError(f"--eval-batch-size must be positive, got {args.eval_batch_size}")
@@ -71,6 +101,7 @@ def open_run(args, min_members=1):
             check_output_folder(getattr(args, flag), f"--{flag}")
     device = select_device(args.device)
     check_fast_path(args, device)
+    apply_cudnn(args.cudnn)  # process-wide, before any model exists
     members, spec = load_members(args, device, min_members=min_members)
     fast = FastPath.from_args(args, device)  # nothing unless the script offers the flags and they are given
     for member in members:

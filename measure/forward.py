@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from measure.result_files import atomic_write
+from utils.checkpoint import atomic_write
 from training.accel import amp_tag
+from utils.run_folder import fingerprint
 
 
 def member_forward(models, dataset, batch_size, device, desc=None):
@@ -49,10 +50,10 @@ class LogitCache:
     def _member_id(path, precision=""):
         """Changes when the checkpoint file is rewritten, so stale saved logits are never reused,
         and with the autocast precision (--amp), so bf16 logits never stand in for fp32 ones."""
-        text = os.path.abspath(path) + (f"|{precision}" if precision else "")
-        if os.path.isfile(path):
-            stat = os.stat(path)
-            text += f"|{stat.st_size}|{stat.st_mtime_ns}"
+        where, size, mtime = fingerprint(path)
+        text = where + (f"|{precision}" if precision else "")
+        if size is not None:
+            text += f"|{size}|{mtime}"
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
     def _disk_path(self, index, key):

@@ -3,10 +3,10 @@
 Each ``Split`` carries the files it was read from (``sources``), so a rerun can tell whether a
 split measured before (kept in ``<save>/<mode>.partial.json``) still describes the same data.
 """
-import os
 from collections import namedtuple
 
 from utils.errors import UserError
+from utils.run_folder import fingerprint
 
 Split = namedtuple("Split", "key kind corruption severity dataset sources", defaults=((),))
 
@@ -43,15 +43,20 @@ def check_corruption_files(args, corruptions):
 
 
 def source_stats(split):
-    """(path, size, modification time) of every file a split was read from: equal stats = same data."""
-    stats = []
-    for path in split.sources:
-        try:
-            info = os.stat(path)
-            stats.append([os.path.abspath(path), info.st_size, info.st_mtime_ns])
-        except OSError:
-            stats.append([os.path.abspath(path), None, None])
-    return stats
+    """The fingerprint (path, size, modification time) of every file a split was read from: equal
+    fingerprints = same data."""
+    return [fingerprint(path) for path in split.sources]
+
+
+def data_sources(args, corruptions=()):
+    """Every file (folder for Tiny-ImageNet) a measurement reads: the clean splits' and the selected
+    -C cells' (listing them reads no pixels)."""
+    from data.datasets import clean_sources, corrupted_sources
+    sources = list(clean_sources(args.dataset, args.data_path))
+    for corruption in corruptions:
+        for severity in range(1, 6):
+            sources += corrupted_sources(args.dataset, args.data_path, args.corrupt_path, corruption, severity)
+    return sources
 
 
 def clean_splits(args, which=("val", "test")):

@@ -8,32 +8,28 @@ width, dataset and class count come from the checkpoint (main.py stores them); c
 without them (older or foreign files holding only ``state_dict``) fall back to --model,
 --width and --dataset. Members must agree on architecture, width and class count.
 
-Completeness: a run directory's ``args.json`` names the seeds and epochs it was started with. A
-measurement lists every member with the epoch of its weights and how far it trained, and refuses an
-ensemble with a missing ``seed_<s>/`` folder or a member that stopped before the planned epochs
-(``--allow_incomplete`` measures it anyway, and the result files record what was measured).
+Completeness: a run directory's seeds and epochs are those it was started with (args.json, and the
+run arguments every checkpoint records, so a deleted member folder is noticed without args.json:
+utils.run_folder.run_plan). A measurement lists every member with the epoch of its weights and how
+far it trained, and refuses an ensemble with a missing ``seed_<s>/`` folder or a member that stopped
+before the planned epochs (``--allow_incomplete`` measures it anyway, and the result files record
+what was measured). Every file is checked before it is loaded: intact (zip CRCs), in its own member's
+folder, and a model_best that is the best epoch its checkpoint records.
 """
-import glob
-import json
 import os
-import re
 import sys
 from collections import namedtuple
 
 import numpy as np
 
-from utils.checkpoint import load_checkpoint
+from utils import run_folder
 from utils.errors import UserError
+from utils.run_folder import CHECKPOINT_FILES
 
-CHECKPOINT_FILES = {"best": "model_best.pth.tar", "last": "checkpoint.pth.tar"}
+# One loaded member of an ensemble (training/trainer.py's Member is a member being trained).
 # epoch: the epoch the weights are from; trained: epochs the member completed (checkpoint.pth.tar);
 # planned: epochs the run was started with (None when unknown).
-Member = namedtuple("Member", "path model seed epoch trained planned", defaults=(None, None, None))
-
-
-def _seed_of(folder):
-    match = re.fullmatch(r"seed_(-?\d+)", os.path.basename(os.path.normpath(folder)))
-    return int(match.group(1)) if match else None
+LoadedMember = namedtuple("LoadedMember", "path model seed epoch trained planned", defaults=(None, None, None))
 
 
 def find_member_checkpoints(resume, which="best"):
@@ -46,8 +42,7 @@ def find_member_checkpoints(resume, which="best"):
             continue
         if not os.path.isdir(entry):
             raise UserError(f"--resume '{entry}' does not exist")
-        seed_dirs = sorted((d for d in glob.glob(os.path.join(entry, "seed_*")) if os.path.isdir(d)
-                            and _seed_of(d) is not None), key=_seed_of)
+        seed_dirs = list(run_folder.member_folders(entry).values())
         folders = seed_dirs or [entry]
         for folder in folders:
             path = os.path.join(folder, filename)
@@ -85,37 +80,30 @@ def build_model(path, state, spec, dataset):
     return model
 
 
-def run_plan(run_dir):
-    """(seeds, epochs) that ``<run_dir>/args.json`` (written by main.py) names; None where unknown."""
-    try:
-        with open(os.path.join(run_dir, "args.json")) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return None, None
-    seeds = record.get("seeds")
-    epochs = record.get("epochs")
-    return ([int(s) for s in seeds] if isinstance(seeds, list) else None,
-            int(epochs) if isinstance(epochs, int) else None)
-
-
-def _progress(path, state):
+def _progress(path, state, plans):
     """(trained, planned) epochs of the member whose checkpoint ``path`` holds ``state``.
 
     trained: the epoch of the member's last checkpoint (``checkpoint.pth.tar`` beside a best file);
-    planned: the run's ``args.json`` epochs, else the run arguments main.py stores in the checkpoint."""
+    planned: the run's planned epochs (``run_folder.run_plan``, cached per run in ``plans``), else the
+    run arguments main.py stores in the checkpoint."""
     folder = os.path.dirname(os.path.abspath(path))
     trained = state.get("epoch")
-    last = os.path.join(folder, CHECKPOINT_FILES["last"])
-    if os.path.basename(path) == CHECKPOINT_FILES["best"] and os.path.isfile(last):
-        last_state = load_checkpoint(last, mmap=True)
-        trained = last_state.get("epoch", trained)
-        # main.py records the best epoch in the checkpoint and writes it before model_best: a kill in
-        # between leaves model_best behind until the training command runs again (it repairs it).
-        if last_state.get("best_epoch") not in (None, 0, state.get("epoch")):
-            raise UserError(f"'{path}' holds epoch {state.get('epoch')}, but '{last}' records epoch "
-                            f"{last_state['best_epoch']} as the best (training was interrupted between the two "
-                            "writes); rerun the training command once: it repairs model_best")
-    planned = run_plan(os.path.dirname(folder))[1] if _seed_of(folder) is not None else None
+    last = os.path.join(folder, run_folder.CHECKPOINT_NAME)
+    if os.path.basename(path) == run_folder.BEST_NAME and os.path.isfile(last):
+        problem = run_folder.best_problem(folder)
+        if problem is not None and problem[0] == "behind":
+            raise UserError(f"{problem[1]} (training was interrupted between the two writes); rerun the training "
+                            "command once: it repairs model_best")
+        if problem is not None:
+            raise UserError(f"{problem[1]}: the file was replaced outside training; restore it, or measure "
+                            "--checkpoint last")
+        trained = run_folder.read_checkpoint(last, mmap=True).get("epoch", trained)
+    planned = None
+    if run_folder.seed_of(folder) is not None:
+        run = os.path.dirname(folder)
+        if run not in plans:
+            plans[run] = run_folder.run_plan(run)
+        planned = plans[run][1]
     run_args = state.get("run_args") if isinstance(state.get("run_args"), dict) else {}
     if planned is None and isinstance(run_args.get("epochs"), int):
         planned = run_args["epochs"]
@@ -130,9 +118,10 @@ def load_member_files(paths, dataset, device, model=None, width=None):
     """
     from data import dataset_info
     info = dataset_info(dataset)
-    members, specs = [], []
+    members, specs, plans = [], [], {}
     for path in paths:
-        state = load_checkpoint(path)
+        state = run_folder.read_checkpoint(path)
+        run_folder.check_member_seed(path, state)
         spec = {"model": state.get("model") or model or "resnet18",
                 "width": int(state.get("width") or width or 64),
                 "num_classes": int(state.get("num_classes") or info.num_classes)}
@@ -151,7 +140,8 @@ def load_member_files(paths, dataset, device, model=None, width=None):
         net = build_model(path, state, spec, dataset)
         specs.append(spec)
         epoch = int(state["epoch"]) if state.get("epoch") is not None else None
-        members.append(Member(path, net.to(device).eval(), state.get("seed"), epoch, *_progress(path, state)))
+        members.append(LoadedMember(path, net.to(device).eval(), state.get("seed"), epoch,
+                                    *_progress(path, state, plans)))
     return members, specs[0]
 
 
@@ -169,18 +159,21 @@ def describe_member(member):
 
 
 def ensemble_gaps(resume, members):
-    """What makes the ensemble incomplete: seeds that a run's args.json lists but that have no
-    ``seed_<s>/`` folder, and members that trained fewer epochs than planned."""
+    """What makes the ensemble incomplete: seeds that a run planned (its args.json, or the run
+    arguments its checkpoints record) but that have no ``seed_<s>/`` folder, and members that
+    trained fewer epochs than planned."""
     gaps = []
     for entry in resume:
-        if not os.path.isdir(entry) or _seed_of(entry) is not None:
+        if not os.path.isdir(entry) or run_folder.seed_of(entry) is not None:
             continue
-        seeds, _ = run_plan(entry)
-        present = {_seed_of(d) for d in glob.glob(os.path.join(entry, "seed_*")) if os.path.isdir(d)}
+        seeds, _ = run_folder.run_plan(entry)
+        present = set(run_folder.member_folders(entry))
         missing = [s for s in seeds or [] if s not in present]
         if missing:
+            source = "its args.json lists" if run_folder.read_args(entry) is not None else \
+                "its members' checkpoints record"
             gaps.append(f"'{entry}' has no {', '.join(f'seed_{s}/' for s in missing)} "
-                        f"(its args.json lists seeds {' '.join(map(str, seeds))})")
+                        f"({source} seeds {' '.join(map(str, seeds))})")
     for member in members:
         if member.planned is not None and member.trained is not None and member.trained < member.planned:
             gaps.append(f"seed {member.seed} stopped after epoch {member.trained} of {member.planned} "
@@ -219,9 +212,9 @@ def ensemble_summary(directory, seeds, splits, device, eval_batch_size=500, whic
     from measure.forward import member_forward
     paths = []
     for seed in seeds:
-        path = os.path.join(directory, f"seed_{seed}", CHECKPOINT_FILES[which])
+        path = run_folder.member_file(directory, seed, CHECKPOINT_FILES[which])
         if not os.path.isfile(path):
-            path = os.path.join(directory, f"seed_{seed}", CHECKPOINT_FILES["last"])
+            path = run_folder.member_file(directory, seed, run_folder.CHECKPOINT_NAME)
         paths.append(path)
     members, _ = load_member_files(paths, splits.info.name, device)
     for member in members:

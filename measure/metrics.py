@@ -182,11 +182,6 @@ def logit_variance_sum(logits):
     return float((centred ** 2).sum() / (m - 1)), int(stack.shape[1])
 
 
-def logit_variance(logits):
-    total, n = logit_variance_sum(logits)
-    return total / n
-
-
 class VarianceAccumulator:
     """Streams logit variance over batches: memory does not grow with the number of inputs.
 

@@ -23,15 +23,19 @@ import torch
 
 from utils import checkpoint
 from utils.errors import UserError
+from utils.run_folder import fingerprint, member_inputs
 
 CSV_FIELDS = ("mode", "split", "corruption", "severity", "member", "setting", "metric", "value")
+# Flags that do not change what a result says (where it goes, where it is looked for, how a rerun
+# decides to skip it); the member files and the mode enter a result's key on their own.
+KEY_IGNORED = ("save", "logits_dir", "skip_finished", "resume", "checkpoint", "mode", "device", "num_workers")
 
 
 def software_versions():
     versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                 "platform": platform.platform()}
     try:
-        # Read the installed version without importing torchvision (an import costs ~2 s).
+        # Read the installed version without importing torchvision (a slow import).
         from importlib.metadata import PackageNotFoundError, version
         versions["torchvision"] = version("torchvision")
     except (ImportError, PackageNotFoundError):  # pragma: no cover
@@ -79,12 +83,6 @@ def _json_safe(value):
     return value
 
 
-def atomic_write(path, write, mode="w"):
-    """``write(f)`` to a temporary file beside ``path``, then rename (utils.checkpoint.atomic_write):
-    a crash leaves the old file or the new one; a full disk or read-only folder is a UserError."""
-    checkpoint.atomic_write(path, write, mode)
-
-
 def check_output_folder(path, flag="--save"):
     """Create ``path`` if needed and prove it writable with a probe file, before any long pass."""
     if os.path.exists(path) and not os.path.isdir(path):
@@ -112,10 +110,7 @@ def measurement_key(args, members, mode):
     """What a finished split's numbers depend on besides its data: the checkpoints (path, size,
     modification time), the dataset and how it is read, the batch size, the precision (--amp,
     --channels_last where the script offers them) and the mode."""
-    checkpoints = []
-    for member in members:
-        stat = os.stat(member.path)
-        checkpoints.append([os.path.abspath(member.path), stat.st_size, stat.st_mtime_ns])
+    checkpoints = [fingerprint(member.path) for member in members]
     return {"mode": mode, "dataset": args.dataset, "data_path": os.path.abspath(args.data_path),
             "corrupt_path": os.path.abspath(args.corrupt_path) if args.corrupt_path else None,
             "tiny_val": args.tiny_val, "eval_batch_size": args.eval_batch_size, "checkpoints": checkpoints,
@@ -175,7 +170,7 @@ class PartialResults:
         payload = {"complete": False, "finished_splits": list(self.splits), "meta": self.meta, "key": self.key,
                    "splits": self.splits}
         text = json.dumps(payload, indent=1, allow_nan=False)
-        atomic_write(self.path, lambda f: f.write(text + "\n"))
+        checkpoint.atomic_write(self.path, lambda f: f.write(text + "\n"), mode="w")
         self.written_at, self.dirty = time.monotonic(), False
 
     def finish(self):
@@ -190,11 +185,44 @@ def partial_results(args, members, mode, meta):
     return PartialResults(args.save, mode, measurement_key(args, members, mode), dict(meta, mode=mode))
 
 
-def write_results(save_dir, name, payload, rows):
-    """Write ``<save_dir>/<name>.json`` and ``<save_dir>/<name>.csv``; return the JSON path."""
+def result_key(args, mode, member_paths, sources, device_type):
+    """What ``<save>/<mode>.json`` is computed from: the script's arguments as parsed (presets
+    resolved), the mode, the device type, and the fingerprints of every member file
+    (``run_folder.member_inputs``) and of every data file the script reads (``sources``)."""
+    arguments = {key: value for key, value in sorted(vars(args).items()) if key not in KEY_IGNORED}
+    for key in ("data_path", "corrupt_path"):
+        if arguments.get(key):
+            arguments[key] = os.path.abspath(arguments[key])
+    members = [fingerprint(p) for path in member_paths for p in member_inputs(path)]
+    return _json_safe({"mode": mode, "arguments": arguments, "device": device_type, "members": members,
+                       "data": [fingerprint(path) for path in sources]})
+
+
+def _key_path(save_dir, name):
+    return os.path.join(save_dir, f"{name}.key.json")
+
+
+def finished_result(save_dir, name, key):
+    """True when ``<save_dir>/<name>.json`` exists and ``<name>.key.json`` beside it records ``key``:
+    the same measurement, from unchanged files, is already there."""
+    if not os.path.isfile(os.path.join(save_dir, f"{name}.json")):
+        return False
+    try:
+        with open(_key_path(save_dir, name)) as f:
+            return json.load(f) == key
+    except (OSError, ValueError):
+        return False
+
+
+def write_results(save_dir, name, payload, rows, key=None):
+    """Write ``<save_dir>/<name>.json`` and ``<save_dir>/<name>.csv``, then ``<name>.key.json`` with
+    ``key`` (``result_key``); return the JSON path. The old key goes first, so a kill in between
+    leaves no key that describes another result."""
     json_path = os.path.join(save_dir, f"{name}.json")
+    if os.path.exists(_key_path(save_dir, name)):
+        os.remove(_key_path(save_dir, name))
     text = json.dumps(_json_safe(payload), indent=1, allow_nan=False)
-    atomic_write(json_path, lambda f: f.write(text + "\n"))
+    checkpoint.atomic_write(json_path, lambda f: f.write(text + "\n"), mode="w")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
@@ -208,7 +236,10 @@ def write_results(save_dir, name, payload, rows):
         else:
             clean["value"] = repr(float(value)) if math.isfinite(float(value)) else ""
         writer.writerow(clean)
-    atomic_write(os.path.join(save_dir, f"{name}.csv"), lambda f: f.write(buffer.getvalue()))
+    checkpoint.atomic_write(os.path.join(save_dir, f"{name}.csv"), lambda f: f.write(buffer.getvalue()), mode="w")
+    if key is not None:
+        key_text = json.dumps(key, indent=1, allow_nan=False)
+        checkpoint.atomic_write(_key_path(save_dir, name), lambda f: f.write(key_text + "\n"), mode="w")
     print(f"wrote {json_path} and {name}.csv", flush=True)
     return json_path
 

@@ -528,7 +528,7 @@ def sensitivity_comparisons(sharpbalance=SHARPBALANCE):
 
 def half_phase_initial_epochs(epochs):
     """--initial_epochs that gives SharpBalance's own (mixed) phase half of the training: SAM on all data
-    for epochs/2 epochs (initial_epochs + 1 of them), then the split and epochs − epochs/2 mixed epochs."""
+    for epochs/2 epochs (initial_epochs + 1 of them), then the partition and epochs − epochs/2 mixed epochs."""
     if epochs < 2:
         raise ValueError(f"SharpBalance needs at least 2 epochs to have a phase of its own, got {epochs}")
     return epochs // 2 - 1

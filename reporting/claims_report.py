@@ -182,17 +182,17 @@ def epochs_block(members, setting):
         for method in methods:
             group = sorted((m for m in chosen if m["method"] == method and m["seed_set"] == seed_set),
                            key=lambda m: m["seed"])
-            cells.append(", ".join(str(m["measured_epoch"]) + ("*" if m["before_split"] == "yes" else "")
+            cells.append(", ".join(str(m["measured_epoch"]) + ("*" if m["before_partition"] == "yes" else "")
                                    for m in group) or "—")
         lines.append(f"| {seed_set} | " + " | ".join(cells) + " |")
     summary = []
     for method in methods:
         group = [m for m in chosen if m["method"] == method]
-        split = {m["split_epoch"] for m in group if m["split_epoch"] is not None}
-        if split:
-            before = sum(m["before_split"] == "yes" for m in group)
+        partition = {m["partition_epoch"] for m in group if m["partition_epoch"] is not None}
+        if partition:
+            before = sum(m["before_partition"] == "yes" for m in group)
             summary.append(f"{method_label(method)}: {before} of {len(group)} members measured at or before the "
-                           f"split (epoch {', '.join(map(str, sorted(split)))}; marked *), i.e. before any "
+                           f"partition (epoch {', '.join(map(str, sorted(partition)))}; marked *), i.e. before any "
                            "SharpBalance step")
     lines += ["", f"Epoch of each member's model_best checkpoint, of {epochs}. " + "; ".join(summary) + "."
               if summary else ""]

@@ -8,7 +8,7 @@ them under <OUT>/results/<dataset>/<method>/seeds_a_b_c/) and writes:
   ensembles.csv   one row per (setting, method, seed set, checkpoint): sharpness, Fisher trace, diversity,
                   accuracy (the columns in ENSEMBLE_COLUMNS)
   members.csv     one row per measured member: the epoch of the checkpoint measured, whether it precedes
-                  SharpBalance's split, its sharpness, Fisher trace and accuracy
+                  SharpBalance's partition, its sharpness, Fisher trace and accuracy
   settings.json   the training and measurement settings shared by every ensemble, the ones that vary
                   (epochs, width, SAM's rho, SharpBalance's flags), software versions, the machine
 
@@ -23,7 +23,6 @@ import csv
 import json
 import math
 import os
-import platform
 import sys
 from argparse import Namespace
 
@@ -33,7 +32,8 @@ if ROOT not in sys.path:
 
 from reporting import results as rp  # noqa: E402
 from reporting.claims import seed_set_order  # noqa: E402
-from training.trainer import method_name, split_epoch  # noqa: E402
+from training.method import method_name, partition_epoch  # noqa: E402
+from utils.device import cpu_name  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
 
 NAN = float("nan")
@@ -56,11 +56,11 @@ ENSEMBLE_COLUMNS = (
     "member_acc_id", "gain_id", "disagreement_id", "ensemble_nll_ood", "ensemble_ece_ood", "result_folder")
 MEMBER_COLUMNS = (
     "epochs", "width", "method", "sam_rho", "seed_set", "checkpoint", "seed", "measured_epoch", "trained_epochs",
-    "split_epoch", "before_split", "sharpness_0.05", "sharpness_0.5", "fisher", "acc_id", "acc_ood")
+    "partition_epoch", "before_partition", "sharpness_0.05", "sharpness_0.5", "fisher", "acc_id", "acc_ood")
 INTEGER_COLUMNS = ("epochs", "width", "initial_epochs", "members", "seed", "measured_epoch", "trained_epochs",
-                   "split_epoch")
+                   "partition_epoch")
 TEXT_COLUMNS = ("method", "select", "seed_set", "checkpoint", "incomplete", "measured_epochs", "result_folder",
-                "before_split")
+                "before_partition")
 
 
 # ------------------------------------------------------------------------------------- reading
@@ -158,7 +158,7 @@ def read_ensemble(folder):
     if rp.folder_seeds(os.path.basename(folder)) not in (None, seeds):
         raise UserError(f"{folder}: the folder's seeds differ from its run's ({' '.join(map(str, seeds))})")
     members = predict_meta.get("members") or []
-    split = split_epoch(Namespace(**args))
+    split = partition_epoch(Namespace(**args))
     apgd = payloads["APGD_worst"]
     means = apgd.get("mean_sharpness") or {}
     for radius in (RADII[0],):
@@ -206,8 +206,8 @@ def read_ensemble(folder):
         epoch = member.get("epoch")
         entry = dict(epochs=row["epochs"], width=row["width"], method=method, sam_rho=row["sam_rho"],
                      seed_set=row["seed_set"], checkpoint=kind, seed=member.get("seed"), measured_epoch=epoch,
-                     trained_epochs=member.get("trained_epochs"), split_epoch=split,
-                     before_split="" if split is None else ("yes" if epoch is not None and epoch <= split else "no"),
+                     trained_epochs=member.get("trained_epochs"), partition_epoch=split,
+                     before_partition="" if split is None else ("yes" if epoch is not None and epoch <= split else "no"),
                      fisher=_number(fishers[i]) if i < len(fishers) else NAN,
                      acc_id=_number(acc_id[i], 100.0) if i < len(acc_id) else NAN,
                      acc_ood=_number(acc_ood[i], 100.0) if i < len(acc_ood) else NAN)
@@ -303,18 +303,6 @@ def check_sharpbalance_flags(ensembles):
                             "the claims")
 
 
-def cpu_model():
-    """The processor's model name (Linux), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def describe(ensembles, shared, versions):
     """The settings of the evidence: shared ones, the ones that vary, seed sets, versions."""
     varying = sorted({(r["epochs"], r["width"], r["method"], r["sam_rho"] if math.isfinite(r["sam_rho"]) else None,
@@ -333,7 +321,7 @@ def describe(ensembles, shared, versions):
     seed_sets = sorted({r["seed_set"] for r in ensembles}, key=seed_set_order)
     return {"shared": shared, "settings": settings, "seed_sets": seed_sets,
             "versions": {name: sorted(values) for name, values in sorted(versions.items())},
-            "collected_on": cpu_model()}
+            "collected_on": cpu_name()}
 
 
 # ------------------------------------------------------------------------------------- the files

@@ -23,9 +23,13 @@
 #   SHARPNESS_MODES=APGD_worst (e.g. APGD_worst,fisher: also the Fisher trace, on the same batches)
 #   REPORT_EXTRA="" (flags for scripts/report.py)   PYTHON=python
 #
-# Rerunning skips finished work (a run whose members reached EPOCHS; a measurement whose JSON
-# exists) and resumes unfinished runs. A failed step is reported, its dependants are skipped, the
-# rest goes on, the report is written from what exists, and the exit status is 1.
+# Rerunning resumes: every step runs its Python script, which checks what is in OUT against the
+# command. main.py trains nothing for a finished run, continues an unfinished one and refuses (one
+# line naming the setting) a run trained with other arguments; a measure script skips a mode whose
+# JSON was measured with the same arguments from the same files and measures the others again. A
+# failed step is reported, its dependants are skipped, the rest goes on, and the exit status is 1.
+# The report is written from what exists, unless a run whose training failed has measurements
+# from before in OUT/results (they would be reported under this command's settings).
 # One Ctrl-C (or SIGTERM) stops everything: the running steps are stopped, nothing else starts, no
 # report is written, and a line says how to resume (rerun the same command).
 set -euo pipefail
@@ -144,8 +148,7 @@ train_jobs=$JOBS
 for dataset in "${datasets[@]}"; do
     if [[ "$dataset" == digits ]]; then  # digits-C is generated once, here, instead of by every measurement
         name="prepare_digits-C"
-        step "$name" "$PY" -c "import sys; sys.path.insert(0, sys.argv[1]); from data.digits import build_digits_c; \
-print('digits-C in', build_digits_c(sys.argv[2]))" "$REPO" "${CORRUPT_PATH:-$DATA_PATH}"
+        step "$name" env PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m data.digits "${CORRUPT_PATH:-$DATA_PATH}"
         train_steps+=("$name")
     fi
     for method in "${methods[@]}"; do
@@ -201,11 +204,31 @@ JOBS=$measure_jobs
 
 # --------------------------------------------------------------------------------------- report
 say "step 3/3: report"
-read -r -a report_extra <<<"$REPORT_EXTRA"
-report_rc=0
-"$PY" "$REPO/scripts/report.py" --results "$OUT/results" --out "$OUT/report" --datasets "${datasets[@]}" \
-    --methods "${methods[@]}" --seed_sets "$SEED_SETS" "${report_extra[@]}" || report_rc=$?
-((report_rc == 0)) || failed+=("report")
+# A run whose training failed now (e.g. refused: its folder holds a run with other settings) may have
+# measurements from an earlier command; the report would show them under this command's settings.
+stale=()
+for dataset in "${datasets[@]}"; do
+    for method in "${methods[@]}"; do
+        for seeds in "${seed_sets[@]}"; do
+            tag="$(seeds_tag "$seeds")"
+            if ! step_ok "train_${dataset}_${method}_${tag}" && [[ -d "$OUT/results/$dataset/$method/$tag" ]]; then
+                stale+=("$OUT/results/$dataset/$method/$tag")
+            fi
+        done
+    done
+done
+if ((${#stale[@]})); then
+    echo "!!! no report: the training of ${#stale[@]} run(s) failed, and their earlier measurements would be" \
+        "reported under this command's settings: ${stale[*]}. Fix those steps (see their logs), or use another" \
+        "OUT" >&2
+    failed+=("report")
+else
+    read -r -a report_extra <<<"$REPORT_EXTRA"
+    report_rc=0
+    "$PY" "$REPO/scripts/report.py" --results "$OUT/results" --out "$OUT/report" --datasets "${datasets[@]}" \
+        --methods "${methods[@]}" --seed_sets "$SEED_SETS" "${report_extra[@]}" || report_rc=$?
+    ((report_rc == 0)) || failed+=("report")
+fi
 
 elapsed=$((SECONDS - start_time))
 if ((${#failed[@]})); then

@@ -1,9 +1,10 @@
 """The APGD loop as it was before the sync-free rewrite (commit 0439fda), kept as a reference:
 Python floats for the losses, ``if`` on them for the worst point and the halving rule, a return to
 the worst point on halving (what ``restart="worst"`` does now), and the bisection projection with a
-host read per step (``sharpness.project_l2_ellipsoid_bisection``)."""
+host read per step (``ellipsoid.project_l2_ellipsoid_bisection``)."""
 import torch
 
+from measure import ellipsoid
 from measure import sharpness as sh
 
 
@@ -17,7 +18,7 @@ def _project(v, scale, rho, norm, adaptive):
         bound = rho * scale
         return torch.maximum(torch.minimum(v, bound), -bound)
     if adaptive:
-        return sh.project_l2_ellipsoid_bisection(v, scale, rho)
+        return ellipsoid.project_l2_ellipsoid_bisection(v, scale, rho)
     length = v.norm().item()
     return v * (rho / length) if length > rho else v
 

@@ -286,7 +286,7 @@ def test_evidence_from_run_records(tmp_path):
     assert math.isnan(next(r for r in ensembles if r["method"] == "deep_ensemble")["sam_rho"])
     assert {r["checkpoint"] for r in ensembles} == {"best", "last"}
     first = next(m for m in members if m["method"] == "sharpbalance" and m["seed"] == 13)
-    assert (first["measured_epoch"], first["split_epoch"], first["before_split"]) == (1, 1, "yes")
+    assert (first["measured_epoch"], first["partition_epoch"], first["before_partition"]) == (1, 1, "yes")
     assert settings["shared"]["sharpness"]["batch_num"] == 2 and settings["seed_sets"] == ["13 17 27", "113 117 127"]
 
     out = str(tmp_path / "evidence")
@@ -347,8 +347,8 @@ def test_report_decides_and_writes_from_evidence_files(tmp_path, capsys):
                  initial_epochs=9 if r["method"] == "sharpbalance" else None)
     members = [{"epochs": 20, "width": 8, "method": r["method"], "sam_rho": r["sam_rho"], "seed_set": r["seed_set"],
                 "checkpoint": "best", "seed": int(r["seed_set"].split()[0]), "measured_epoch": 10,
-                "split_epoch": 10 if r["method"] == "sharpbalance" else None,
-                "before_split": "yes" if r["method"] == "sharpbalance" else ""} for r in rows]
+                "partition_epoch": 10 if r["method"] == "sharpbalance" else None,
+                "before_partition": "yes" if r["method"] == "sharpbalance" else ""} for r in rows]
     settings = {"shared": {"training": {"data": "digits", "model": "resnet18", "batch_size": 64, "lr": 0.1,
                                         "lrsche": "multistep", "momentum": 0.9, "weight_decay": 5e-4, "amp": "off"},
                            "sharpness": {"batch_num": 20, "batch_size": 5, "batch_seed": 13, "adaptive": True,
@@ -360,7 +360,7 @@ def test_report_decides_and_writes_from_evidence_files(tmp_path, capsys):
     assert "control: passed at 20 epochs, width 8, SAM rho 0.2" in capsys.readouterr().out
     tables = open(tmp_path / "report" / "claims_tables.md").read()
     assert "| 20 | 8 | 0.2 | 12 |" in tables and "**yes** (chosen)" in tables
-    assert "SharpBalance: 12 of 12 members measured at or before the split" in tables
+    assert "SharpBalance: 12 of 12 members measured at or before the partition" in tables
     for name in ("claims_primary.png", "claims_control.png"):
         assert os.path.getsize(tmp_path / "report" / name) > 10_000
     flat = [dict(r, fisher=60.0) if r["method"] == "sam" else r for r in rows]  # SAM no flatter by Fisher
@@ -442,7 +442,7 @@ def test_claims_end_to_end_toy(tmp_path):
     assert "13 17 27 (sharpbalance: no ensemble)" not in tables and "13 17 27 (sam: no ensemble)" in tables
     members = list(csv.DictReader(open(os.path.join(out, "evidence", "members.csv"), newline="")))
     assert {m["measured_epoch"] for m in members if m["checkpoint"] == "last"} == {"2"}
-    assert {m["split_epoch"] for m in members if m["method"] == "sharpbalance"} == {"1"}
+    assert {m["partition_epoch"] for m in members if m["method"] == "sharpbalance"} == {"1"}
     for name in ("claims_primary.png", "claims_control.png"):
         assert os.path.getsize(os.path.join(out, "report", name)) > 10_000
 

@@ -49,6 +49,27 @@ def test_missing_cifar_is_one_clear_error(tmp_path):
         build_datasets("cifar10", str(tmp_path / "nowhere"))
 
 
+def test_missing_cifar_batch_file_is_named_with_or_without_a_download(tmp_path, monkeypatch, capsys):
+    """One batch file of an extracted copy is gone: the line names that file, also when main.py's
+    download (rank 0) was tried and failed, as it does offline."""
+    import main as train_main
+    from data import datasets
+    from utils.errors import run_main
+    make_cifar(str(tmp_path), n_train=50, n_test=10)
+    missing = os.path.join(str(tmp_path), "cifar-10-batches-py", "data_batch_3")
+    os.remove(missing)
+    with pytest.raises(UserError, match=f"cifar10 file '{missing}' is missing; put the extracted python version"):
+        build_datasets("cifar10", str(tmp_path))
+    tried = []
+    monkeypatch.setattr(datasets, "_download_cifar", lambda name, root: tried.append(root) or "URLError: offline")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(train_main.main, ["--data", "cifar10", "--data_path", str(tmp_path), "--epochs", "1",
+                                   "--save_path", str(tmp_path / "run"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and tried == [str(tmp_path)] and len(err) == 1, err
+    assert err[0].startswith(f"error: cifar10 file '{missing}' is missing and the download failed (URLError: offline)")
+
+
 def test_unknown_dataset_lists_valid_names():
     with pytest.raises(UserError, match="cifar10, cifar100, tiny_imgnet, digits"):
         build_datasets("mnist", ".")
@@ -156,7 +177,7 @@ def test_batch_loader_is_a_pure_function_of_seed_and_epoch(tmp_path):
     assert torch.equal(labels, torch.from_numpy(train.labels)[indices])
 
 
-# ------------------------------------------------------------------ bad data: refuse or warn (issue 12.5)
+# ------------------------------------------------------------------ bad data: refuse or warn
 def _rewrite_cifar_batch(root, name, change):
     import pickle
     path = os.path.join(root, "cifar-10-batches-py", name)

@@ -25,7 +25,8 @@ from data import build_datasets
 from data.arrays import BatchLoader
 from models import create_model
 from training.accel import COMPILE_BACKEND_ENV, FastPath, check_fast_path, compile_unavailable
-from training.sam import SAM, mixed_step
+from training.sam import SAM
+from training.steps import mixed_step
 from utils.distributed import collective_backend, gpus_in_use
 from utils.errors import UserError
 
@@ -223,13 +224,13 @@ def test_compile_preconditions(monkeypatch):
 
 
 def test_scores_ignore_the_fast_path(digits):
-    from training.scores import per_sample_sharpness
+    from training.scores import squared_grad_norms
     loader = BatchLoader(digits.train_eval, 64, "cpu", subset=np.arange(64))
     scores = []
     for amp in ("off", "bf16"):
         torch.manual_seed(0)
         model = FastPath(amp).prepare(create_model("resnet18", 10, width=4, dataset="digits"))
-        scores.append(per_sample_sharpness(model, loader, "cpu", num_samples=64)[:64])
+        scores.append(squared_grad_norms(model, loader, "cpu", num_samples=64)[:64])
         assert ("forward" in model.__dict__) == (amp == "bf16")  # restored after scoring
     assert torch.equal(scores[0], scores[1])
 

@@ -137,14 +137,14 @@ def test_non_finite_loss_names_member_and_keeps_checkpoint(tmp_path, monkeypatch
     common = ["--data", "digits", "--data_path", str(tmp_path / "ds"), "--seed", "13", "--epochs", "3",
               "--save_path", str(tmp_path / "run")] + TINY
     import training.engine
-    real_step, calls = training.engine.mixed_step, {"n": 0}
+    real_step, calls = training.engine.sgd_step, {"n": 0}  # a deep ensemble: plain SGD steps
 
     def step_that_diverges(*args, **kwargs):
         # The 3rd step of epoch 2 (21 steps per epoch at batch 64) returns a NaN loss.
         calls["n"] += 1
         loss_sum, correct = real_step(*args, **kwargs)
         return (float("nan") if calls["n"] == 21 + 3 else loss_sum), correct
-    monkeypatch.setattr(training.engine, "mixed_step", step_that_diverges)
+    monkeypatch.setattr(training.engine, "sgd_step", step_that_diverges)
     with pytest.raises(UserError, match=r"member seed 13: loss became nan .*epoch 2.*; its checkpoint of epoch 1 is kept"):
         main_script.main(common)
     state = torch.load(tmp_path / "run" / "seed_13" / "checkpoint.pth.tar", weights_only=True)

@@ -19,6 +19,7 @@ import measure_sharpness
 from fixtures import make_cifar, make_cifar_c, make_tiny_imagenet
 from models import create_model
 from measure import forward, inputs, loading, metrics, result_files
+from tests.references import logit_variance
 from utils.checkpoint import save_checkpoint
 from utils.errors import UserError, run_main
 
@@ -172,11 +173,11 @@ def test_variance_streams_to_the_direct_value(cifar, tmp_path):
     cell_logits = {s.key: cache.get(s)[0] for s in inputs.corrupted_splits(args, ["fog", "snow"])}
     every = np.concatenate(list(cell_logits.values()), axis=1)
     snow = np.concatenate([cell_logits[f"snow_{s}"] for s in range(1, 6)], axis=1)
-    assert var_c["variance_unbias"] == pytest.approx(metrics.logit_variance(every), rel=1e-5)
-    assert var_c["per_corruption"]["snow"] == pytest.approx(metrics.logit_variance(snow), rel=1e-5)
+    assert var_c["variance_unbias"] == pytest.approx(logit_variance(every), rel=1e-5)
+    assert var_c["per_corruption"]["snow"] == pytest.approx(logit_variance(snow), rel=1e-5)
     assert var_c["n"] == 10 * 24 and set(var_c["cells"]) == {f"{c}_{s}" for c in ("fog", "snow") for s in range(1, 6)}
     test_logits = cache.get(next(inputs.clean_splits(args, which=("test",))))[0]
-    assert var["variance_unbias"] == pytest.approx(metrics.logit_variance(test_logits), rel=1e-5)
+    assert var["variance_unbias"] == pytest.approx(logit_variance(test_logits), rel=1e-5)
 
 
 def test_digits_with_checkpoints_from_main(tmp_path, capsys):
@@ -295,7 +296,7 @@ def test_run_directory_discovery(tmp_path):
         loading.find_member_checkpoints([run], "best")
 
 
-# ----------------------------------------------------- checked before the long passes (issue 12.4)
+# ----------------------------------------------------- checked before the long passes
 def _count_passes(monkeypatch):
     calls = []
     original = forward.member_forward
@@ -356,7 +357,7 @@ def test_unwritable_save_folder_stops_before_the_first_pass(cifar, tmp_path, cap
     assert calls == []
 
 
-# --------------------------------------------------- a late failure keeps the finished splits (issue 12.4)
+# --------------------------------------------------- a late failure keeps the finished eval sets
 def _interrupt_after(monkeypatch, passes):
     """Ctrl-C (KeyboardInterrupt) at the start of pass number ``passes`` + 1."""
     calls = []
@@ -389,7 +390,7 @@ def test_interrupted_measurement_keeps_and_resumes_finished_splits(cifar, tmp_pa
     save = str(tmp_path / "parts")
     _interrupt_after(monkeypatch, 4)
     with pytest.raises(SystemExit) as exit_info:
-        run_main(script.main, argv + ["--save", save], interrupted=cli.SPLITS_INTERRUPTED)
+        run_main(script.main, argv + ["--save", save], interrupted=cli.EVAL_SETS_INTERRUPTED)
     assert exit_info.value.code == 130 and "partial.json" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(save, f"{first}.json"))  # <mode>.json always means complete
     partial = _load(os.path.join(save, f"{first}.partial.json"))
@@ -429,7 +430,7 @@ def test_changed_input_file_is_measured_again(cifar, tmp_path, monkeypatch):
     assert len(calls) == 5 + 1  # snow 1-5 again, and fog 5
 
 
-# ---------------------------------------------------------- incomplete ensembles (issue 12.6)
+# ---------------------------------------------------------- incomplete ensembles
 def _set_epoch(path, epoch):
     state = torch.load(path, weights_only=True)
     state["epoch"] = epoch

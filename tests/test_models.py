@@ -95,7 +95,8 @@ def test_measure_scripts_rebuild_either_tiny_variant_from_its_weights(tmp_path):
 def test_per_sample_scores_cover_the_shortcut_scales():
     # The hooks backend has no closed form for the scale layer: it hands those parameters to
     # torch.func, so every backend still matches one backward pass per sample.
-    from training.scores import per_sample_sharpness, per_sample_sharpness_loop
+    from tests.references import loop_squared_grad_norms
+    from training.scores import squared_grad_norms
     torch.manual_seed(1)
     model = create_model("resnet18", 5, width=4, dataset="tiny_imgnet")
     with torch.no_grad():
@@ -104,10 +105,10 @@ def test_per_sample_scores_cover_the_shortcut_scales():
                 p.uniform_(0.5, 1.5)
     images, targets = torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,))
     loader = [(images, targets, torch.arange(6))]
-    reference = per_sample_sharpness_loop(model, loader, torch.device("cpu"), num_samples=6)
+    reference = loop_squared_grad_norms(model, loader, num_samples=6)
     for backend in ("hooks", "auto"):
-        scores = per_sample_sharpness(model, loader, torch.device("cpu"), chunk_size=4, num_samples=6,
-                                      backend=backend)
+        scores = squared_grad_norms(model, loader, torch.device("cpu"), chunk_size=4, num_samples=6,
+                                    backend=backend)
         assert np.allclose(scores, reference, rtol=1e-4), backend
 
 

@@ -1,5 +1,5 @@
-"""Two rows of README's "Differences from the paper and the release" that no other test pins on
-the very inputs where the project and the reference it differs from part ways. (Leftover samples
+"""Two rows of docs/differences.md (the differences from the paper and the release) that no other
+test pins on the very inputs where the project and the reference it differs from part ways. (Leftover samples
 dealt in sorted index order and ties broken by a stable sort are pinned by the brute-force split
 test in tests/test_sharpbalance.py, with tied integer scores.)"""
 import numpy as np

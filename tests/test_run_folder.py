@@ -1,4 +1,4 @@
-"""Run folders (training/run_folder.py and utils/checkpoint.py): resume from another run refused
+"""Run folders (utils/run_folder.py and utils/checkpoint.py): resume from another run refused
 before any training, model_best never behind the checkpoint after a real SIGKILL or a full disk, the
 lock, failed first attempts, impossible flags, write failures, file permissions, --help."""
 import errno
@@ -16,8 +16,7 @@ import torch
 
 import main as main_script
 from tests.fixtures import make_cifar
-from training import run_folder
-from utils import checkpoint
+from utils import checkpoint, run_folder
 from utils.errors import MEASURE_INTERRUPTED, UserError, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,12 +118,14 @@ def test_sigkill_between_checkpoint_and_best_is_repaired(tmp_path):
     """A real SIGKILL after checkpoint.pth.tar of an improving epoch, before model_best.pth.tar."""
     save = tmp_path / "run"
     argv = DE + ["--data_path", str(tmp_path / "ds"), "--save_path", str(save)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, SHARPBALANCE_KILL_AT="before-best:2")
-    killed = subprocess.run([sys.executable, os.path.join(ROOT, "main.py")] + argv, cwd=ROOT, env=env,
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    # Killed before the trainer's second model_best copy: epoch 2's, after its checkpoint.
+    killed = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "kill_at.py"), "training.trainer.copy_checkpoint",
+                             "2", os.path.join(ROOT, "main.py")] + argv, cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     last, best = meta(save / "seed_13" / "checkpoint.pth.tar"), meta(save / "seed_13" / "model_best.pth.tar")
-    # The state the issue describes: the checkpoint says epoch 2 is the best, model_best holds epoch 1.
+    # What a kill between the two writes leaves: the checkpoint says epoch 2 is the best, model_best holds epoch 1.
     assert (last["epoch"], last["best_epoch"], best["epoch"]) == (2, 2, 1) and last["best_acc"] > best["best_acc"]
     lock = json.loads((save / ".lock").read_text())
     assert lock["pid"] != os.getpid() and lock["host"] == socket.gethostname()

@@ -2,6 +2,7 @@
 rerun that skips everything.
 """
 import csv
+import json
 import math
 import os
 import subprocess
@@ -105,6 +106,17 @@ def test_train_scripts_command_lines(tmp_path):
         assert ("--select" in command) == (method == "sharpbalance_sharpest")
 
 
+def test_measure_scripts_let_the_script_decide_what_is_finished(tmp_path):
+    """The measure step passes --skip_finished (the script compares its arguments and input files with
+    the result's key); FORCE=1 measures again."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for force, expected in (("0", True), ("1", False)):
+        log = run_script("scripts/measure/measure_sharpness.sh", dict(PYTHON="echo", RUN=str(run), FORCE=force))
+        command = next(line for line in log.splitlines() if line.startswith(os.path.join(ROOT, "measure_sharpness.py")))
+        assert ("--skip_finished" in command) == expected, command
+
+
 def test_figure7_toy_cifar10(tmp_path):
     """figure7.sh on fabricated CIFAR-10/-C (one ensemble of two members, 2 epochs); then a rerun skips
     everything, and the report lists a deleted measurement instead of failing."""
@@ -127,8 +139,24 @@ def test_figure7_toy_cifar10(tmp_path):
     assert sharpness == "l2_0.5"  # the released setting: l2 and linf at rho 0.5; the report shows l2
 
     rerun = run_script("scripts/figure7.sh", dict(env, JOBS="1"))
-    assert rerun.count("skip training") == 3 and rerun.count("==> skip measure") == 9, rerun[-3000:]
-    assert "==> train " not in rerun and "==> measure " not in rerun
+    # Every step ran its script, which found its work done: no epoch trained, no file measured.
+    assert rerun.count("nothing to train") == 3 and rerun.count("skip measuring") == 12, rerun[-3000:]
+    assert " epoch   1/2 " not in rerun and "wrote " not in rerun
+
+    # Other settings in the same OUT: the run is refused with one line naming the setting, its old
+    # measurements are not reported under the new settings, and the status says so.
+    report_time = os.stat(os.path.join(out, "report", "figure7_table.csv")).st_mtime_ns
+    changed = run_script("scripts/figure7.sh", dict(env, JOBS="1", WIDTH="4", METHODS="sam"), returncode=1)
+    assert "holds a run with other arguments (width: 2 -> 4" in changed, changed[-3000:]
+    assert "skip measuring cifar10 sam seeds_13_17: its training failed" in changed and "!!! no report" in changed
+    assert os.stat(os.path.join(out, "report", "figure7_table.csv")).st_mtime_ns == report_time
+    # Other sharpness settings: that measurement is made again, the others are skipped.
+    sharper = run_script("scripts/figure7.sh", dict(env, JOBS="1", METHODS="sam",
+                                                       SHARPNESS_EXTRA="--batch-num 3 --n_iters 5"))
+    assert sharper.count("skip measuring") == 3 and sharper.count("wrote ") == 1, sharper[-3000:]
+    apgd = os.path.join(out, "results", "cifar10", "sam", "seeds_13_17", "APGD_worst.json")
+    with open(apgd) as f:
+        assert json.load(f)["meta"]["batch_num"] == 3
 
     os.remove(os.path.join(out, "results", "cifar10", "sam", "seeds_13_17", "APGD_worst.json"))
     result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "report.py"), "--results",

@@ -1,5 +1,6 @@
-"""The SharpBalance split rules (against hand-worked sets and a brute-force set computation) and
-the per-sample sharpness backends, vmap and hooks (against one backward pass per sample)."""
+"""SharpBalance's partition rules (training/partition.py, against hand-worked sets and a brute-force
+set computation) and the per-sample squared gradient norms (training/scores.py), backends vmap and
+hooks, against one backward pass per sample."""
 import itertools
 import math
 import warnings
@@ -10,8 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.scores import per_sample_sharpness, per_sample_sharpness_loop
-from training.split import build_sam_masks, low_score_sets, random_sam_masks, resolve_split_rule, sam_masks
+from tests.references import loop_squared_grad_norms
+from training.scores import squared_grad_norms
+from training.partition import build_sam_masks, random_sam_masks, resolve_split_rule, sam_masks, selected_sets
 from utils.errors import UserError
 
 
@@ -35,7 +37,7 @@ def worked_scores():
 
 
 def test_worked_example_low_sets():
-    low = low_score_sets(worked_scores(), 0.5)
+    low = selected_sets(worked_scores(), 0.5)
     assert [as_set(row) for row in low] == WORKED_LOW_SETS
 
 
@@ -87,12 +89,12 @@ def brute_force_masks(scores, flat_ratio, rule, select):
 @pytest.mark.parametrize("rule", ["share", "boost"])
 def test_split_matches_brute_force(select, rule):
     rng = np.random.RandomState(0)
-    for m, n, ratio in itertools.product([1, 2, 3, 5], [1, 7, 40], [0.0, 0.3, 0.5, 0.77, 1.0]):
+    for m, n, ratio in itertools.product([1, 2, 3, 5], [1, 7, 40], [0.0, 0.3, 0.5, 0.77, 0.99]):
         for tied in (False, True):
             # Integer scores make many ties, which checks the stable tie order too.
             scores = rng.randint(0, 4, size=(m, n)).astype(float) if tied else rng.rand(m, n)
             low_sets, expected = brute_force_masks(scores, ratio, rule, select)
-            low = low_score_sets(scores, ratio, select=select)
+            low = selected_sets(scores, ratio, select=select)
             got = sam_masks(scores, ratio, rule=rule, select=select)
             assert [as_set(row) for row in low] == low_sets, (m, n, ratio, tied)
             assert [as_set(row) for row in got] == expected, (m, n, ratio, tied)
@@ -115,11 +117,11 @@ def test_split_validation():
     with pytest.raises(UserError):
         sam_masks(scores, 0.5, rule="other")
     with pytest.raises(UserError):
-        low_score_sets(scores, 0.5, select="middle")
+        selected_sets(scores, 0.5, select="middle")
     with pytest.raises(ValueError):
-        low_score_sets(np.full((3, 10), np.nan), 0.5)
+        selected_sets(np.full((3, 10), np.nan), 0.5)
     with pytest.raises(ValueError):
-        low_score_sets(np.random.rand(10), 0.5)
+        selected_sets(np.random.rand(10), 0.5)
     assert resolve_split_rule("auto", "CIFAR10") == "boost"
     assert resolve_split_rule("auto", "tiny_imgnet") == "share"
     assert resolve_split_rule("share", "cifar10") == "share"
@@ -156,7 +158,7 @@ def test_same_masks_identical_across_members():
         build_sam_masks(np.zeros((3, n)), ratio, train_subset="random", seeds=[1])
 
 
-# --------------------------------------------------------------------------- per-sample sharpness
+# --------------------------------------------------------------------------- squared gradient norms
 
 class IndexedDataset(torch.utils.data.Dataset):
     def __init__(self, images, targets):
@@ -196,7 +198,7 @@ def reference_scores(model, images, targets):
 
 
 @pytest.mark.parametrize("train_mode_at_entry", [True, False])
-def test_per_sample_sharpness_matches_loop(train_mode_at_entry):
+def test_squared_grad_norms_match_the_loop(train_mode_at_entry):
     torch.manual_seed(1)
     images, targets = torch.randn(23, 3, 6, 6), torch.randint(0, 5, (23,))
     model = bn_net_with_statistics(images)
@@ -207,29 +209,29 @@ def test_per_sample_sharpness_matches_loop(train_mode_at_entry):
     assert next(iter(loader))[2].tolist() != list(range(8))  # the index order really is shuffled
 
     model.train(train_mode_at_entry)
-    scores = per_sample_sharpness(model, loader, "cpu", chunk_size=3)
+    scores = squared_grad_norms(model, loader, "cpu", chunk_size=3)
     assert model.training == train_mode_at_entry
     assert scores.dtype == torch.float32 and scores.shape == (23,) and scores.device.type == "cpu"
     torch.testing.assert_close(scores, expected.float(), rtol=1e-4, atol=0)
 
-    looped = per_sample_sharpness_loop(model, loader, "cpu")
+    looped = loop_squared_grad_norms(model, loader)
     assert model.training == train_mode_at_entry
     torch.testing.assert_close(looped, expected.float(), rtol=1e-4, atol=0)
 
 
-def test_per_sample_sharpness_skips_frozen_parameters_and_checks_coverage():
+def test_squared_grad_norms_skip_frozen_parameters_and_check_coverage():
     torch.manual_seed(2)
     images, targets = torch.randn(10, 3, 6, 6), torch.randint(0, 5, (10,))
     model = bn_net_with_statistics(images)
     model[0].weight.requires_grad_(False)
     loader = torch.utils.data.DataLoader(IndexedDataset(images, targets), batch_size=4)
     expected = reference_scores(model, images, targets)
-    torch.testing.assert_close(per_sample_sharpness(model, loader, "cpu"), expected.float(),
+    torch.testing.assert_close(squared_grad_norms(model, loader, "cpu"), expected.float(),
                                rtol=1e-4, atol=0)
     partial = torch.utils.data.DataLoader(torch.utils.data.Subset(IndexedDataset(images, targets),
                                                                   range(6)), batch_size=4)
     with pytest.raises(ValueError):
-        per_sample_sharpness(model, partial, "cpu", num_samples=10)
+        squared_grad_norms(model, partial, "cpu", num_samples=10)
 
 
 # --------------------------------------------------------------------------- backends (func, hooks)
@@ -257,7 +259,7 @@ def test_backends_match_loop_on_bn_net(backend):
     model.train()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback may happen on a plain conv/bn/linear net
-        scores = per_sample_sharpness(model, loader_over(images, targets), "cpu", chunk_size=3, backend=backend)
+        scores = squared_grad_norms(model, loader_over(images, targets), "cpu", chunk_size=3, backend=backend)
     assert model.training
     assert scores.dtype == torch.float32 and scores.shape == (23,)
     torch.testing.assert_close(scores, expected.float(), rtol=1e-4, atol=0)
@@ -319,7 +321,7 @@ def test_hooks_exact_on_layers_of_every_kind():
     for backend in ("hooks", "func"):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            scores = per_sample_sharpness(model, loader_over(images, targets, batch_size=5), "cpu",
+            scores = squared_grad_norms(model, loader_over(images, targets, batch_size=5), "cpu",
                                           chunk_size=4, backend=backend)
         torch.testing.assert_close(scores, expected.float(), rtol=1e-4, atol=0)
 
@@ -358,7 +360,7 @@ def test_hooks_on_resnet18_match_loop():
     model = with_running_statistics(create_model("resnet18", 10, width=4), images)
     expected = reference_scores(model, images, targets)
     for backend in ("hooks", "func"):
-        scores = per_sample_sharpness(model, loader_over(images, targets, batch_size=4), "cpu", backend=backend)
+        scores = squared_grad_norms(model, loader_over(images, targets, batch_size=4), "cpu", backend=backend)
         torch.testing.assert_close(scores, expected.float(), rtol=1e-4, atol=0)
 
 
@@ -397,27 +399,27 @@ def test_hooks_fall_back_where_they_cannot_be_exact():
     expected = reference_scores(model, images, targets)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        scores = per_sample_sharpness(model, loader_over(images, targets), "cpu", backend="hooks")
+        scores = squared_grad_norms(model, loader_over(images, targets), "cpu", backend="hooks")
     torch.testing.assert_close(scores, expected.float(), rtol=1e-4, atol=0)
 
     # A weight used outside its layer: hooks would be wrong; auto notices, warns and uses func.
     model = WeightUsedOutsideForward()
     expected = reference_scores(model, images, targets)
     with pytest.warns(UserWarning, match="falling back"):
-        scores = per_sample_sharpness(model, loader_over(images, targets), "cpu", backend="auto")
+        scores = squared_grad_norms(model, loader_over(images, targets), "cpu", backend="auto")
     torch.testing.assert_close(scores, expected.float(), rtol=1e-4, atol=0)
     with pytest.raises(RuntimeError, match="hooks backend"):
-        per_sample_sharpness(model, loader_over(images, targets), "cpu", backend="hooks")
+        squared_grad_norms(model, loader_over(images, targets), "cpu", backend="hooks")
 
     # BatchNorm without running statistics couples the samples of a batch even in eval mode.
     torch.manual_seed(9)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
                           nn.Flatten(), nn.Linear(64, 5))
     expected = reference_scores(model, images, targets)
-    torch.testing.assert_close(per_sample_sharpness(model, loader_over(images, targets), "cpu"),
+    torch.testing.assert_close(squared_grad_norms(model, loader_over(images, targets), "cpu"),
                                expected.float(), rtol=1e-4, atol=0)
     with pytest.raises(ValueError, match="batch statistics"):
-        per_sample_sharpness(model, loader_over(images, targets), "cpu", backend="hooks")
+        squared_grad_norms(model, loader_over(images, targets), "cpu", backend="hooks")
 
 
 def test_backend_validation_and_positional_signature():
@@ -426,9 +428,9 @@ def test_backend_validation_and_positional_signature():
     model = bn_net_with_statistics(images)
     loader = loader_over(images, targets)
     with pytest.raises(ValueError, match="backend"):
-        per_sample_sharpness(model, loader, "cpu", backend="jax")
+        squared_grad_norms(model, loader, "cpu", backend="jax")
     # The call training/trainer.py makes (positional device, chunk_size/progress/num_samples keywords).
-    scores = per_sample_sharpness(model, loader, "cpu", chunk_size=2, progress=False, num_samples=5)
+    scores = squared_grad_norms(model, loader, "cpu", chunk_size=2, progress=False, num_samples=5)
     torch.testing.assert_close(scores, reference_scores(model, images, targets).float(), rtol=1e-4, atol=0)
 
 

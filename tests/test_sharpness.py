@@ -1,6 +1,6 @@
-"""Worst-case (APGD), average-case and Fisher sharpness (measure/sharpness.py)."""
+"""Worst-case (APGD), average-case and fisher sharpness (measure/sharpness.py); the projections
+themselves are tested in tests/test_ellipsoid.py."""
 import itertools
-import math
 
 import numpy as np
 import pytest
@@ -8,7 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from measure import ellipsoid
 from measure import sharpness as sh
+from tests.references import in_set, project_l2_ellipsoid, weighted_norm
 
 
 def _tiny_net(seed=0):
@@ -35,9 +37,9 @@ def test_checkpoint_schedule_for_20_iterations():
 def test_rho_zero_gives_zero(norm):
     net = _tiny_net()
     out = sh.worst_case_sharpness(net, _batches(2), rhos=[0.0], norms=[norm], n_iters=5)
-    assert out[sh.sharpness_key(norm, 0.0)]["sharpness"] == 0.0
+    assert out[sh.setting_key(norm, 0.0)]["sharpness"] == 0.0
     avg = sh.average_case_sharpness(net, _batches(2), rhos=[0.0], norms=[norm], n_draws=3)
-    assert avg[sh.sharpness_key(norm, 0.0)]["sharpness"] == pytest.approx(0.0, abs=1e-7)
+    assert avg[sh.setting_key(norm, 0.0)]["sharpness"] == pytest.approx(0.0, abs=1e-7)
 
 
 @pytest.mark.parametrize("norm,adaptive", [("l2", True), ("l2", False), ("linf", True), ("linf", False)])
@@ -51,25 +53,11 @@ def test_iterates_stay_in_the_set_and_sharpness_is_nonnegative(norm, adaptive):
         trace = []
         init_loss, _, worst_loss, _, _, _ = sh.apgd_batch(flat, x, y, rho, norm, adaptive, 20, trace=trace)
         assert len(trace) == 20
-        assert all(sh.in_set(d, scale, rho, norm) for d in trace)
+        assert all(in_set(d, scale, rho, norm) for d in trace)
         assert worst_loss >= init_loss
         # at least one iterate reaches the boundary region of the set (the search moves)
-        assert max(sh.weighted_norm(d, scale).item() for d in trace) > 0
+        assert max(weighted_norm(d, scale).item() for d in trace) > 0
     assert torch.equal(torch.cat([p.detach().reshape(-1) for p in net.parameters()]), before)
-
-
-def test_ellipsoid_projection_is_the_euclidean_projection():
-    torch.manual_seed(0)
-    scale = torch.rand(6) + 0.1
-    v = torch.randn(6) * 3
-    rho = 0.5
-    proj = sh.project_l2_ellipsoid(v, scale, rho)
-    assert sh.weighted_norm(proj, scale).item() == pytest.approx(rho, rel=1e-5)
-    # no feasible point sampled at random is closer to v
-    samples = torch.randn(200000, 6)
-    samples = samples / samples.norm(dim=1, keepdim=True) * torch.rand(200000, 1) ** (1 / 6)
-    samples = samples * scale * rho
-    assert (samples - v).norm(dim=1).min().item() >= (proj - v).norm().item() - 1e-6
 
 
 def test_zero_weights_are_excluded_from_the_adaptive_projection():
@@ -86,7 +74,7 @@ def test_zero_weights_are_excluded_from_the_adaptive_projection():
         assert all(np.isfinite(v) for v in out)
         assert all(torch.isfinite(d).all() and (d[zero] == 0).all() for d in trace)
     v = torch.randn_like(flat.w0)
-    proj = sh.project_l2_ellipsoid(v, flat.w0.abs(), 0.1)
+    proj = project_l2_ellipsoid(v, flat.w0.abs(), 0.1)
     assert torch.isfinite(proj).all() and (proj[zero] == 0).all()
 
 
@@ -98,8 +86,8 @@ def test_worst_case_beats_average_case_on_the_same_batches(norm):
     net = _tiny_net()
     batches = _batches(3)
     rho = 0.5 if norm == "linf" else 0.01
-    worst = sh.worst_case_sharpness(net, batches, rhos=[rho], norms=[norm])[sh.sharpness_key(norm, rho)]
-    avg = sh.average_case_sharpness(net, batches, rhos=[rho], norms=[norm], n_draws=50)[sh.sharpness_key(norm, rho)]
+    worst = sh.worst_case_sharpness(net, batches, rhos=[rho], norms=[norm])[sh.setting_key(norm, rho)]
+    avg = sh.average_case_sharpness(net, batches, rhos=[rho], norms=[norm], n_draws=50)[sh.setting_key(norm, rho)]
     assert worst["sharpness"] >= avg["sharpness"]
     assert all(w >= 0 for w in worst["per_batch_sharpness"])
 
@@ -168,134 +156,6 @@ def test_release_shuffle_order_matches_a_seeded_dataloader():
     loader = torch.utils.data.DataLoader(dataset, batch_size=5, shuffle=True)
     from_loader = torch.cat([b[0] for b in loader])
     assert torch.equal(sh.release_shuffle_order(97, 13), from_loader)
-
-
-# ----------------------------------------------------------------------------- the ellipsoid, exactly
-def _ellipsoid_solution(v, scale, rho):
-    """The exact projection in float64, independently: bisection on μ in d = v·s²/(s² + μ) to the
-    last bit (entries with s = 0 are 0)."""
-    v, s = v.double(), scale.double()
-    on = s > 0
-    v = torch.where(on, v, 0)
-    a = s * s
-
-    def norm_at(mu):
-        return torch.where(on, v * s / (a + mu), 0).norm().item()
-
-    if norm_at(0.0) <= rho:
-        return v
-    lo, hi = 0.0, 1.0
-    while norm_at(hi) > rho:
-        lo, hi = hi, 2 * hi
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if norm_at(mid) > rho else (lo, mid)
-    return v * a / (a + hi)
-
-
-def _projection_cases():
-    g = torch.Generator().manual_seed(7)
-    # ResNet-like: most weights small, a few BatchNorm-sized ones, exact zeros, a 1e-9 one
-    scale = torch.randn(60_000, generator=g).abs() * 0.05
-    scale[:100] = 1 + torch.rand(100, generator=g)
-    scale[100:300] = 0
-    scale[300] = 1e-9
-    ascent = torch.randn(60_000, generator=g)
-    first = 1.0 * ascent / ascent.norm() * scale            # APGD's first step, rho 0.5: twice outside
-    cases = [("first APGD step", first, scale, 0.5),
-             ("far outside", 40 * first + 0.01 * torch.randn(60_000, generator=g) * scale, scale, 0.5),
-             ("just outside", first * 0.2501, scale, 0.05),
-             ("inside", first * 0.1, scale, 0.5),
-             ("equal scales", torch.randn(1000, generator=g), torch.full((1000,), 0.3), 0.2)]
-    return cases
-
-
-@pytest.mark.parametrize("host_scalars", [True, False], ids=["host", "device"])
-@pytest.mark.parametrize("case", range(5))
-def test_ellipsoid_projection_is_feasible_and_within_its_certified_gap(case, host_scalars):
-    name, v, scale, rho = _projection_cases()[case]
-    exact = _ellipsoid_solution(v, scale, rho)
-    projection = sh.EllipsoidProjection(scale, rho, host_scalars=host_scalars)
-    d, _ = projection(v)
-    d64, gap = d.double(), projection.take_gap().item()
-    assert sh.weighted_norm(d64, scale.double()).item() <= rho * (1 + 1e-6), name          # feasible
-    assert bool((d[scale == 0] == 0).all()), name
-    # the host search goes on until its certificate is at most HOST_GAP_TARGET
-    assert gap <= (sh.HOST_GAP_TARGET if host_scalars else 1e-4), name
-    # certified: each coordinate between (1 - gap) and 1 times the exact one (plus float32 rounding)
-    assert bool(((d64 - exact).abs() <= (gap + 2e-6) * exact.abs() + 1e-30).all()), name
-    assert (d64 - exact).norm().item() <= 2e-6 * exact.norm().item(), name
-    if name == "inside":
-        assert torch.allclose(d, torch.where(scale > 0, v, 0), rtol=1e-6, atol=0) and gap == 0
-    if name == "equal scales":  # closed form: the ball of radius 0.2·0.3, a radial scaling
-        assert torch.allclose(d, v * (0.06 / v.norm()), rtol=1e-6)
-
-
-@pytest.mark.parametrize("host_scalars", [True, False], ids=["host", "device"])
-def test_a_warm_projection_inside_the_set_returns_the_point(host_scalars):
-    _, outside, scale, rho = _projection_cases()[0]
-    projection = sh.EllipsoidProjection(scale, rho, host_scalars=host_scalars)
-    _, mu = projection(outside)
-    inside = outside * 0.3
-    d, mu_next = projection(inside, mu)                  # starts at the outside point's μ
-    assert torch.allclose(d, torch.where(scale > 0, inside, 0), rtol=1e-6, atol=0)
-    assert float(mu_next) == float(mu) > 0                # the hint is kept for the next call
-    assert projection.take_gap().item() <= 1e-4
-
-
-@pytest.mark.parametrize("host_scalars", [True, False], ids=["host", "device"])
-def test_the_projection_of_zero_is_zero_cold_and_warm(host_scalars):
-    # v = 0 on the set (APGD's first step when the gradient is exactly 0): P(0) = 0 with gap 0;
-    # the device search once divided 0 by 0 there and returned NaN.
-    _, outside, scale, rho = _projection_cases()[0]
-    projection = sh.EllipsoidProjection(scale, rho, host_scalars=host_scalars)
-    zero = torch.where(scale > 0, 0.0, outside)          # entries off the set are ignored
-    d, mu = projection(zero)
-    assert bool((d == 0).all()) and float(mu) == 0 and projection.take_gap().item() == 0
-    _, warm = projection(outside)
-    projection.take_gap()
-    d, mu = projection(zero, warm)
-    assert bool((d == 0).all()) and float(mu) == float(warm) and projection.take_gap().item() == 0
-
-
-@pytest.mark.parametrize("host_scalars", [True, False], ids=["host", "device"])
-def test_a_nan_in_the_vector_shows_in_the_gap(host_scalars):
-    # A NaN gradient must not pass for a certified projection: the batch's gap is NaN, whichever
-    # call of the batch met it (Python's max() would have hidden it behind a later number).
-    _, outside, scale, rho = _projection_cases()[0]
-    projection = sh.EllipsoidProjection(scale, rho, host_scalars=host_scalars)
-    broken = outside.clone()
-    broken[scale > 0] = float("nan")
-    _, mu = projection(broken)
-    projection(outside, mu)
-    assert math.isnan(projection.take_gap().item())
-
-
-@pytest.mark.parametrize("host_scalars", [True, False], ids=["host", "device"])
-def test_ellipsoid_projection_of_every_apgd_step_matches_the_float64_solution(host_scalars):
-    # In the loop each projection starts from the previous one's multiplier (on the device: 3
-    # steps, 4 cold; on the host: until the certificate is at most HOST_GAP_TARGET).
-    net = _tiny_net()
-    flat = sh.FlatModel(net)
-    scale = flat.w0.abs()
-    ellipsoid = sh.EllipsoidProjection(scale, 0.5, host_scalars=host_scalars)
-    seen = []
-
-    def recording(v, start=None):
-        out = ellipsoid(v, start)
-        seen.append((v.clone(), out[0].clone(), ellipsoid.take_gap().item()))
-        return out
-    recording.take_gap = ellipsoid.take_gap
-    for x, y in _batches(2):
-        sh.apgd_batch(flat, x, y, 0.5, "l2", True, 20, projection=recording)
-    assert len(seen) == 40
-    for v, d, gap in seen:
-        exact = _ellipsoid_solution(v, scale, 0.5)
-        assert gap <= 1e-4
-        assert (d.double() - exact).norm().item() <= 2e-6 * max(exact.norm().item(), 1e-12)
-        # the earlier bisection lands on the same point, to its looser tolerance
-        before = sh.project_l2_ellipsoid_bisection(v, scale, 0.5)
-        assert (before - d).norm().item() <= 1e-5 * d.norm().item()
 
 
 # ----------------------------------------------------------------------------- APGD's step halving
@@ -405,7 +265,7 @@ def test_an_apgd_batch_reads_the_host_once_whatever_its_length():
             counts = []
             for n_iters in (4, 8):
                 # the ellipsoid's search as on a GPU (a CPU's default reads its sums: see below)
-                projection = sh.make_projection(scale, 0.5, norm, adaptive, host_scalars=False)
+                projection = ellipsoid.make_projection(scale, 0.5, norm, adaptive, host_scalars=False)
                 with count_host_reads() as reads:
                     sh.apgd_batch(flat, x, y, 0.5, norm, adaptive, n_iters, restart=restart,
                                   projection=projection)
@@ -415,26 +275,6 @@ def test_an_apgd_batch_reads_the_host_once_whatever_its_length():
         with count_host_reads() as reads:
             sh.average_batch(flat, x, y, 0.5, "l2", True, draws, torch.Generator().manual_seed(0))
         assert reads.total == 1, reads.summary()
-
-
-def test_the_ellipsoid_search_reads_its_sums_on_a_cpu_only_and_both_searches_agree():
-    # A CPU tensor's number is in host memory: the default there is the host search (Python
-    # floats, an adaptive number of passes). Both searches give the same APGD result to float32's
-    # floor, on both restart rules.
-    net = _tiny_net()
-    flat = sh.FlatModel(net)
-    scale = flat.w0.abs()
-    assert sh.make_projection(scale, 0.5, "l2", True).host
-    assert not sh.make_projection(scale, 0.5, "l2", True, host_scalars=False).host
-    for restart in sh.APGD_RESTARTS:
-        for x, y in _batches(2):
-            rows = [sh.apgd_batch(flat, x, y, 0.5, "l2", True, 20, restart=restart,
-                                  projection=sh.make_projection(scale, 0.5, "l2", True, host_scalars=host))
-                    for host in (True, False)]
-            (_, _, worst_host, _, norm_host, gap_host), (_, _, worst_device, _, norm_device, gap_device) = rows
-            assert worst_host == pytest.approx(worst_device, rel=1e-5)
-            assert norm_host == pytest.approx(norm_device, rel=1e-5)
-            assert gap_host <= sh.HOST_GAP_TARGET and gap_device <= 1e-4
 
 
 def test_measure_sharpness_records_the_restart(tmp_path):
@@ -454,3 +294,31 @@ def test_measure_sharpness_records_the_restart(tmp_path):
     assert result["meta"]["apgd_restart"] == "worst"
     assert result["meta"]["ellipsoid_search"] == "host scalars"      # a CPU's default
     assert 0 <= result["individual_sharpness"][0]["l2_0.5"]["projection_gap"] <= 1e-4
+
+
+def test_saturation_is_the_share_of_batches_whose_worst_loss_reaches_a_uniform_guess():
+    """ln C for C = 3 classes, and the share of batches whose worst loss is at or above it, counted
+    here from the per-batch numbers the summary reports (worst = init + per-batch sharpness)."""
+    net = _tiny_net()
+    with torch.no_grad():
+        net[-1].weight.mul_(30.0)  # confident predictions ...
+    batches = [(x, net(x).argmax(1)) for x, _ in _batches(4)]  # ... that are right: losses far below ln 3
+    tiny = sh.worst_case_sharpness(net, batches, rhos=[1e-4], norms=["l2"], n_iters=3)[sh.setting_key("l2", 1e-4)]
+    huge = sh.worst_case_sharpness(net, batches, rhos=[50.0], norms=["linf"], n_iters=5)[sh.setting_key("linf", 50.0)]
+    for summary in (tiny, huge):
+        assert summary["uniform_loss"] == pytest.approx(np.log(3), abs=1e-12)
+        init = [F.cross_entropy(net(x), y).item() for x, y in batches]
+        worst = np.asarray(init) + np.asarray(summary["per_batch_sharpness"])
+        assert summary["saturated_fraction"] == pytest.approx(float(np.mean(worst >= np.log(3) - 1e-6)))
+    assert tiny["saturated_fraction"] == 0.0  # a 1e-4 neighbourhood keeps the trained losses (below ln 3)
+    assert huge["saturated_fraction"] == 1.0  # weights moved by 50x their size: no better than a guess
+
+
+def test_measure_sharpness_prints_one_note_for_a_saturated_setting(capsys):
+    import measure_sharpness
+    member = {"linf_0.5": {"saturated_fraction": 1.0, "uniform_loss": float(np.log(10))},
+              "l2_0.05": {"saturated_fraction": 0.0, "uniform_loss": float(np.log(10))}}
+    for key in member:
+        measure_sharpness.saturation_note("APGD_worst", key, [member, member])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note: linf_0.5 is saturated") and "2.303" in lines[0]

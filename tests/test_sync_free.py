@@ -1,4 +1,4 @@
-"""No per-step host reads in training, scoring and evaluation (issue 9, item 1).
+"""No per-step host reads in training, scoring and evaluation.
 
 On a GPU every host read of a device value waits for the queue to drain. These tests run the loops
 on the CPU under ``count_host_reads`` (tests/host_reads.py) with N and 2N steps: the count must not
@@ -15,7 +15,7 @@ from models import create_model
 from tests.host_reads import count_host_reads
 from training.engine import evaluate, train_one_epoch
 from training.sam import SAM
-from training.scores import per_sample_sharpness
+from training.scores import squared_grad_norms
 
 BATCH = 8
 ONE_COPY = {"_to_copy[to host]": 1}
@@ -96,8 +96,8 @@ def test_scoring_reads_once_per_pass(dataset, backend):
     for steps in (1, 2):
         data = loader(dataset.with_options(augment=False), steps)
         with count_host_reads() as reads:
-            scores = per_sample_sharpness(model, data, "cpu", chunk_size=4, backend=backend,
-                                          num_samples=steps * BATCH)
+            scores = squared_grad_norms(model, data, "cpu", chunk_size=4, backend=backend,
+                                        num_samples=steps * BATCH)
         counts.append(dict(reads.counts))
         assert scores.shape == (steps * BATCH,) and bool((scores > 0).all())
     # hooks: its one-time check of the first sample against a plain backward pass reads once more.

@@ -14,6 +14,7 @@ import pytest
 from scipy import integrate
 
 import theory
+from tests.references import max_quadratic_on_ball_pga, mp_density, sam_steps_reference
 
 S = theory.SPEC_SETTINGS
 N, D, P, SPLITS = S["n"], S["d"], S["p"], S["s"]
@@ -81,7 +82,7 @@ def test_mp_moments_match_monte_carlo_traces(n, d):
 def test_phi_equals_integral_against_marchenko_pastur_density(i, j, ratio, rho):
     lo, hi = theory.mp_edges(ratio)
     integrand = lambda x: ((1 - ETA * x - ETA * rho * x * x) ** i * x ** j
-                           * theory.mp_density(np.array([x]), ratio)[0])
+                           * mp_density(np.array([x]), ratio)[0])
     quadrature, _ = integrate.quad(integrand, lo, hi, limit=200, epsabs=0, epsrel=1e-12)
     assert theory.phi(i, j, ratio, ETA, rho) == pytest.approx(quadrature, rel=1e-8)
 
@@ -92,7 +93,7 @@ def test_spectral_sam_map_matches_literal_sam_steps():
     w_hat, w0 = rng.standard_normal(10), rng.standard_normal(10)
     lam, V = np.linalg.eigh(A.T @ A)
     for k, rho in [(1, 0.0), (3, 0.3), (5, 1.0)]:
-        literal = theory.sam_steps_reference(A, A @ w_hat, w0, k, ETA, rho)
+        literal = sam_steps_reference(A, A @ w_hat, w0, k, ETA, rho)
         spectral = w_hat + V @ (theory.sam_error_map(lam, k, ETA, rho) * (V.T @ (w0 - w_hat)))
         np.testing.assert_allclose(spectral, literal, rtol=1e-12, atol=1e-12)
 
@@ -111,7 +112,7 @@ def test_exact_ball_maximiser_agrees_with_projected_gradient_ascent():
     for rho in (0.01, 0.25, 0.5):
         gradient = B @ (-V @ (theory.sam_error_map(lam, K, ETA, rho) * (V.T @ w_hat)))
         exact, eps = theory.max_quadratic_on_ball(lam, V.T @ gradient, RHO0)
-        ascent, eps_ascent = theory.max_quadratic_on_ball_pga(B, gradient, RHO0)
+        ascent, eps_ascent = max_quadratic_on_ball_pga(B, gradient, RHO0)
         assert float(exact) == pytest.approx(ascent, rel=1e-10)
         np.testing.assert_allclose(V @ eps, eps_ascent, atol=1e-9 * RHO0)
         assert np.linalg.norm(eps) == pytest.approx(RHO0, rel=1e-12)
@@ -122,7 +123,7 @@ def test_exact_ball_maximiser_agrees_with_projected_gradient_ascent():
         lam, V = np.linalg.eigh(B)
         g = rng.standard_normal(6)
         exact, _ = theory.max_quadratic_on_ball(lam, V.T @ g, 2.0)
-        ascent, _ = theory.max_quadratic_on_ball_pga(B, g, 2.0)
+        ascent, _ = max_quadratic_on_ball_pga(B, g, 2.0)
         assert float(exact) == pytest.approx(ascent, rel=1e-9)
 
 
@@ -156,11 +157,11 @@ def test_simulators_match_brute_force_ensembles():
 
     def brute_force(member_designs):
         # The step map is affine in w₀, so the mean over inits is the run from E w₀ = 0.
-        mean = np.mean([theory.sam_steps_reference(X, X @ w_hat, np.zeros(d), k, ETA, rho)
+        mean = np.mean([sam_steps_reference(X, X @ w_hat, np.zeros(d), k, ETA, rho)
                         for X in member_designs], axis=0)
-        spread = [np.sum((T @ (theory.sam_steps_reference(X, X @ w_hat, w0, k, ETA, rho) - mean)) ** 2) / p
+        spread = [np.sum((T @ (sam_steps_reference(X, X @ w_hat, w0, k, ETA, rho) - mean)) ** 2) / p
                   for X in member_designs for w0 in inits]
-        sharpness, _ = theory.max_quadratic_on_ball_pga(B, B @ (mean - w_hat), RHO0)
+        sharpness, _ = max_quadratic_on_ball_pga(B, B @ (mean - w_hat), RHO0)
         return sharpness, np.mean(spread)
 
     kwargs = dict(k=k, eta=ETA, rho=rho, rho0=RHO0, sigma2=SIGMA2, p=p)

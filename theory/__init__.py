@@ -1,6 +1,6 @@
 """The sharpness–diversity trade-off on a noiseless linear model: closed forms and simulations.
 
-This module backs `theoretical_verification.ipynb` (README, "Theory"). The model:
+This module backs `theoretical_verification.ipynb` (docs/theory.md). The model:
 
     A ∈ R^{n×d} with i.i.d. N(0, 1/d) entries, teacher ŵ, labels y = Aŵ,
     loss f(w) = ½‖Aw − y‖² = ½ (w − ŵ)ᵀ B (w − ŵ)  with  B = AᵀA.
@@ -31,21 +31,21 @@ same seed give bit-identical numbers.
 # they print are about the same experiment.
 SPEC_SETTINGS = dict(n=3000, d=150, p=1000, s=10, sigma2=0.1, eta=0.01, rho0=0.01, k=3)
 
-from theory.ball import max_quadratic_on_ball, max_quadratic_on_ball_pga  # noqa: E402
+from theory.ball import max_quadratic_on_ball  # noqa: E402
 # The three parts of the theory, importable from the package as before.
-from theory.closed_forms import (mp_density, mp_edges, mp_moment, narayana, phi, sam_diversity_theory,  # noqa: E402
+from theory.closed_forms import (mp_edges, mp_moment, narayana, phi, sam_diversity_theory,  # noqa: E402
                                  sam_sharpness_bounds_theory, sam_step_polynomial, sharpbalance_diversity_theory,
                                  sharpbalance_gradient_moment_free, sharpbalance_gradient_moment_paper,
                                  sharpbalance_sharpness_upper_theory)
 from theory.simulation import (SimulationResult, SingleBlasThread, SpectralDataset, draw_datasets,  # noqa: E402
-                               draw_teacher, sam_error_map, sam_steps_reference, simulate_sam, simulate_sharpbalance,
+                               draw_teacher, sam_error_map, simulate_sam, simulate_sharpbalance,
                                spectral_dataset)
 
 __all__ = [
     "SPEC_SETTINGS", "narayana", "mp_moment", "sam_step_polynomial", "phi", "mp_edges",
-    "mp_density", "sam_diversity_theory", "sam_sharpness_bounds_theory",
+    "sam_diversity_theory", "sam_sharpness_bounds_theory",
     "sharpbalance_diversity_theory", "sharpbalance_gradient_moment_paper",
     "sharpbalance_gradient_moment_free", "sharpbalance_sharpness_upper_theory",
-    "max_quadratic_on_ball", "max_quadratic_on_ball_pga", "SingleBlasThread", "SpectralDataset",
+    "max_quadratic_on_ball", "SingleBlasThread", "SpectralDataset",
     "draw_teacher", "spectral_dataset", "draw_datasets", "SimulationResult", "sam_error_map",
-    "sam_steps_reference", "simulate_sam", "simulate_sharpbalance"]
+    "simulate_sam", "simulate_sharpbalance"]

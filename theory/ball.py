@@ -71,27 +71,3 @@ def max_quadratic_on_ball(eigvals: np.ndarray, grad_coords: np.ndarray, radius: 
 
     value = np.sum(g * eps, axis=-1) + 0.5 * np.sum(lam * eps ** 2, axis=-1)
     return value, eps
-
-
-def max_quadratic_on_ball_pga(hessian: np.ndarray, gradient: np.ndarray, radius: float,
-                              steps: int = 20000, step_size: float | None = None,
-                              tol: float = 1e-13) -> tuple[float, np.ndarray]:
-    """Projected gradient ascent for the same problem, in the original coordinates (a check).
-
-    For a convex objective, each projected ascent step cannot decrease h, so the iteration
-    climbs to a KKT point; started from the gradient direction it reaches the global max in
-    practice. Slow (power-iteration-like) but independent of the secular-equation algebra.
-    """
-    B = np.asarray(hessian, dtype=float)
-    g = np.asarray(gradient, dtype=float)
-    if step_size is None:
-        step_size = 10.0 / max(np.linalg.norm(B, 2), 1e-12)
-    eps = radius * g / max(np.linalg.norm(g), 1e-300)
-    for _ in range(steps):
-        ascent = eps + step_size * (g + B @ eps)
-        new = ascent * (radius / max(np.linalg.norm(ascent), radius))
-        done = np.linalg.norm(new - eps) <= tol * radius
-        eps = new
-        if done:
-            break
-    return float(g @ eps + 0.5 * eps @ B @ eps), eps

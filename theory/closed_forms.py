@@ -66,19 +66,6 @@ def mp_edges(ratio: float) -> tuple[float, float]:
     return (math.sqrt(ratio) - 1.0) ** 2, (math.sqrt(ratio) + 1.0) ** 2
 
 
-def mp_density(x: np.ndarray | float, ratio: float) -> np.ndarray:
-    """Limiting eigenvalue density of AᵀA (N(0,1/d) entries, ratio = n/d ≥ 1).
-
-    Used only as an independent check of the moment formula (numerical integration).
-    """
-    lo, hi = mp_edges(ratio)
-    x = np.asarray(x, dtype=float)
-    inside = (x > lo) & (x < hi)
-    out = np.zeros_like(x)
-    out[inside] = np.sqrt((hi - x[inside]) * (x[inside] - lo)) / (2.0 * math.pi * x[inside])
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Theorem 1 (SAM) and Theorem 2 (SharpBalance)
 # ----------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from theory.ball import max_quadratic_on_ball
 class SingleBlasThread:
     """Run the small (d ≈ 150) linear algebra on one BLAS thread.
 
-    Multi-threaded OpenBLAS on 150×150 matrices spends its time synchronising; on a shared
-    2-core machine that made eigh/matmul ~20× slower than one thread. threadpoolctl is optional.
+    Multi-threaded OpenBLAS on 150×150 matrices spends its time synchronising rather than
+    computing, worse still on a machine shared with other jobs. threadpoolctl is optional.
     """
 
     def __enter__(self):
@@ -124,16 +124,6 @@ class SimulationResult:
 def sam_error_map(eigvals: np.ndarray, k: int, eta: float, rho: float) -> np.ndarray:
     """Eigenvalues of P^k = (I − ηB − ηρB²)^k: k un-normalised SAM steps on the error w − ŵ."""
     return (1.0 - eta * eigvals - eta * rho * eigvals ** 2) ** k
-
-
-def sam_steps_reference(A: np.ndarray, y: np.ndarray, w0: np.ndarray, k: int, eta: float,
-                        rho: float) -> np.ndarray:
-    """k literal un-normalised SAM steps w ← w − η∇f(w + ρ∇f(w)) (a check on `sam_error_map`)."""
-    w = np.array(w0, dtype=float)
-    for _ in range(k):
-        grad = A.T @ (A @ w - y)
-        w = w - eta * (A.T @ (A @ (w + rho * grad) - y))
-    return w
 
 
 def _sharpness_at(eigvals: np.ndarray, eigvecs: np.ndarray, error: np.ndarray,

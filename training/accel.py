@@ -6,8 +6,8 @@ model, untouched. Each option is one switch on the model, applied once by ``Fast
 ``--amp bf16|fp16``  the model's forward runs under ``torch.autocast`` and returns float32 logits,
                      so the loss, its backward pass and the optimizer step are what they were.
                      fp16 needs a loss scale against underflow: ``FastPath.scaler`` (a torch
-                     GradScaler) is handed to ``mixed_step``, which scales each backward pass of
-                     SGD, SAM and the mixed step (see there) and skips a step whose gradient
+                     GradScaler) is handed to the steps (training/steps.py), which scale each backward
+                     pass of SGD, SAM and the mixed step and skip a step whose gradient
                      overflowed. bf16 has fp32's range and needs none.
 ``--channels_last``  parameters and activations in NHWC order (faster convolutions on tensor
                      cores); the arithmetic is the same up to the order of additions.
@@ -17,11 +17,20 @@ model, untouched. Each option is one switch on the model, applied once by ``Fast
 
 The forward is replaced on the instance (``model.forward``), so parameter names, the state_dict
 and attributes such as ``model.linear`` stay the same; ``plain_forward(model)`` gives the eager
-fp32 forward back for a block (the per-sample sharpness scores always use it, so the split does not
-depend on the fast path; channels_last stays, it changes only the order of additions). Apply
-``prepare`` to the model that trains, not to a copy of it.
+fp32 forward back for a block, and ``plain_copy(model)`` is a copy with that forward in the
+default memory format (the per-sample scores are computed on it, so the partition does not depend
+on the fast path). Apply ``prepare`` to the model that trains, not to a copy of it.
+
+main.py has two more fast-path flags, for training only (``add_training_fast_path_args``):
+``--cuda_graphs`` replays each training step from CUDA graphs (training/graphs.py) and
+``--lockstep`` trains the members of a process step by step side by side, each on a CUDA stream of
+its own (training/lockstep.py). Neither changes what is computed: a graph replays the eager step's
+kernels, and lockstep only interleaves the members. They are recorded in args.json but are not
+part of what a resume must match (METHOD_KEYS in training/trainer.py): a run may be continued
+with or without them.
 """
 import contextlib
+import copy
 import os
 import shutil
 import sys
@@ -40,10 +49,22 @@ def add_fast_path_args(parser):
     group = parser.add_argument_group("fast path (opt-in; the default is the faithful fp32 eager model)")
     group.add_argument("--amp", default="off", choices=AMP_CHOICES,
                        help="mixed precision: bf16 (Ampere or newer GPUs, also CPUs) or fp16 (GPUs, with a "
-                            "loss scale); per-sample sharpness scores stay fp32")
+                            "loss scale); the per-sample scores stay fp32")
     group.add_argument("--channels_last", action="store_true", help="NHWC memory format for the convolutions")
     group.add_argument("--compile", action="store_true",
                        help="torch.compile the model (falls back to eager with one line where it cannot)")
+    return group
+
+
+def add_training_fast_path_args(group):
+    """main.py's training-only fast-path flags, added to the group ``add_fast_path_args`` returns."""
+    group.add_argument("--cuda_graphs", action="store_true",
+                       help="replay each training step (SGD, SAM, the mixed step per pair of sub-batch sizes) from "
+                            "CUDA graphs: same arithmetic, far fewer kernel launches; CUDA only (one warning line and "
+                            "eager steps elsewhere), not with --compile or --amp fp16")
+    group.add_argument("--lockstep", action="store_true",
+                       help="train this process's members side by side, step i of every member before step i+1, each "
+                            "on its own CUDA stream, so one GPU overlaps them; each member's numbers are unchanged")
     return group
 
 
@@ -70,6 +91,16 @@ def check_fast_path(args, device):
             model = create_model(args.model, 10, width=args.width or 64, dataset=getattr(args, "data", None)
                                  or getattr(args, "dataset", None))
         _check_channels_last(model, args.model)
+    if getattr(args, "cuda_graphs", False):
+        if getattr(args, "compile", False):
+            raise UserError("--cuda_graphs with --compile: a compiled forward is not captured in the step's graphs "
+                            "(it recompiles for new sub-batch sizes, which a capture cannot do); use one of them")
+        if amp == "fp16":
+            raise UserError("--cuda_graphs with --amp fp16: the fp16 loss scale is read on the host every step, which "
+                            "a CUDA graph cannot replay; use --amp bf16 (no loss scale) or drop --cuda_graphs")
+        if device.type != "cuda":
+            print(f"warning: --cuda_graphs needs a CUDA GPU and this run is on {device.type}: every step runs "
+                  "eagerly", file=sys.stderr, flush=True)
 
 
 def cpu_unsafe_flag(args):
@@ -129,7 +160,10 @@ class _FastForward:
     def _forward(self, *args, **kwargs):
         if self.amp_dtype is None:
             return self.eager(*args, **kwargs)
-        with torch.autocast(self.device_type, dtype=self.amp_dtype):
+        # No autocast cache: it would keep the low-precision copies of the weights made while a
+        # CUDA graph is captured (training/graphs.py), and it saves nothing here, where every weight
+        # is cast once per forward pass anyway (the cast itself is the same either way).
+        with torch.autocast(self.device_type, dtype=self.amp_dtype, cache_enabled=False):
             out = self.eager(*args, **kwargs)
         # float32 logits: the loss and everything after it are computed as in the fp32 path.
         return out.float()
@@ -204,6 +238,19 @@ def amp_tag(model):
     forward = model.__dict__.get("forward")
     dtype = getattr(forward, "amp_dtype", None)
     return "" if dtype is None else str(dtype).replace("torch.", "")
+
+
+def plain_copy(model):
+    """A copy of ``model`` with its plain eager fp32 forward, in the default memory format, without
+    gradients: what the per-sample scores are computed on when the fast path changed the model.
+
+    channels_last changes only the order of additions, but the hooks check of the scores compares
+    two computations that each round in their own order; on the copy both run the faithful path.
+    The copy costs one model's memory for the duration of a scoring pass.
+    """
+    with plain_forward(model):
+        twin = copy.deepcopy(model)  # deepcopy leaves .grad behind
+    return twin.to(memory_format=torch.contiguous_format)
 
 
 @contextlib.contextmanager

@@ -1,8 +1,8 @@
 """One epoch of training and one evaluation pass (DeiT-style engine).
 
 ``train_one_epoch`` runs whichever update the member's phase calls for on every batch: plain SGD
-(deep ensemble), SAM on every sample (warm-up, or DE + SAM), or SharpBalance's mixed step with the
-member's ``sam_mask``. All three are one function, ``mixed_step``, with a different mask.
+(deep ensemble, ``sgd_step``), SAM on every sample (warm-up, or DE + SAM) or SharpBalance's mixed
+step with the member's ``sam_mask`` (both ``mixed_step``, with an all-True or the member's mask).
 
 Nothing in the loops reads a device value on the host per step: the loss sum and the number of
 correct predictions are added up on the device and read once at the end of the epoch (and every
@@ -10,15 +10,19 @@ correct predictions are added up on the device and read once at the end of the e
 GPU works. The masks are looked up on the host, where they live. The finite check rides on the
 same reads: cross-entropy is never negative, so the running float64 sum is NaN or infinite
 exactly when some step's loss was; a non-finite loss is then placed between two reads.
+
+``train_epoch_steps`` is the epoch as a generator that yields after every step, so that members in
+lockstep (training/lockstep.py) can take turns step by step; ``train_one_epoch`` runs it through.
 """
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from training.sam import mixed_step
+from training.steps import mixed_step, sgd_step
+from utils.device import float64_on
+from utils.progress import progress_bar
 
 
 class NonFiniteLoss(RuntimeError):
@@ -34,10 +38,8 @@ class NonFiniteLoss(RuntimeError):
 def _accumulator(model, dtype=torch.float64):
     """A zero on the model's device, to add the per-step sums to."""
     device = next(model.parameters()).device
-    # MPS has no float64; float32 sums of per-batch sums are exact enough for a logged mean there.
-    if device.type == "mps" and dtype == torch.float64:
-        dtype = torch.float32
-    return torch.zeros((), dtype=dtype, device=device)
+    # float32 on MPS (no float64 there): sums of per-batch sums are exact enough for a logged mean.
+    return torch.zeros((), dtype=float64_on(device) if dtype == torch.float64 else dtype, device=device)
 
 
 def _read(total_loss, total_correct):
@@ -47,21 +49,46 @@ def _read(total_loss, total_correct):
 
 
 def train_one_epoch(model, optimizer, loader, epoch, use_sam, sam_mask=None, freeze_bn_on_perturbed=False,
-                    print_freq=50, desc="train", progress=True, scaler=None):
+                    print_freq=50, desc="train", progress=True, scaler=None, graphs=None):
     """Train ``model`` for one epoch; returns a dict of true means and timings.
 
     ``use_sam`` False = plain SGD; True with ``sam_mask`` None = SAM on every sample; True with a
     bool ``sam_mask`` over the training split (on the CPU, True = SAM sample) = SharpBalance.
-    ``scaler``: a GradScaler for fp16 (see ``mixed_step``). Raises ``NonFiniteLoss`` at the first
-    read (progress update or end of epoch) after a non-finite loss.
+    ``scaler``: a GradScaler for fp16 (see ``training.steps``). ``graphs``: a
+    ``training.graphs.StepGraphs`` of this model and optimizer, whose steps then replace the eager
+    ones (same arithmetic; not with a scaler). The progress bar is redrawn every ``print_freq``
+    steps. Raises ``NonFiniteLoss`` at the first read (progress update or end of epoch) after a
+    non-finite loss.
     """
+    return run_to_end(train_epoch_steps(model, optimizer, loader, epoch, use_sam, sam_mask, freeze_bn_on_perturbed,
+                                        print_freq, desc, progress, scaler, graphs))
+
+
+def run_to_end(steps):
+    """Run a generator of steps (``train_epoch_steps``, ``Member.training``) to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def train_epoch_steps(model, optimizer, loader, epoch, use_sam, sam_mask=None, freeze_bn_on_perturbed=False,
+                      print_freq=50, desc="train", progress=True, scaler=None, graphs=None):
+    """``train_one_epoch`` as a generator: yields after every step, returns the epoch's dict.
+
+    Whoever drives it decides what happens between two steps: nothing (``train_one_epoch``), or the
+    steps of other members (training/lockstep.py).
+    """
+    if graphs is not None and scaler is not None:
+        raise ValueError("graph-captured steps take no GradScaler (it reads the host every step)")
     model.train()
     loader.set_epoch(epoch)
     host_mask = None if sam_mask is None else np.asarray(torch.as_tensor(sam_mask, dtype=torch.bool).cpu())
     total_loss, total_correct = _accumulator(model), _accumulator(model, torch.long)
     total_seen, total_sam, checked_steps = 0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(loader, desc, every=print_freq, enabled=progress)
 
     def read_and_check(step):
         nonlocal checked_steps
@@ -73,21 +100,28 @@ def train_one_epoch(model, optimizer, loader, epoch, use_sam, sam_mask=None, fre
 
     step = 0
     for step, (images, targets, indices) in enumerate(bar, start=1):
-        if not use_sam:
-            batch_mask = np.zeros(len(indices), dtype=bool)
-        elif host_mask is None:
-            batch_mask = np.ones(len(indices), dtype=bool)
+        if use_sam:
+            batch_mask = np.ones(len(indices), dtype=bool) if host_mask is None else host_mask[indices.numpy()]
+            if graphs is not None:
+                loss_sum, correct = graphs.mixed_step(images, targets, batch_mask)
+            else:
+                loss_sum, correct = mixed_step(model, optimizer, images, targets, batch_mask,
+                                               freeze_bn_on_perturbed=freeze_bn_on_perturbed, scaler=scaler)
+            total_sam += int(batch_mask.sum())
+        elif graphs is not None:
+            loss_sum, correct = graphs.sgd_step(images, targets)
         else:
-            batch_mask = host_mask[indices.numpy()]
-        loss_sum, correct = mixed_step(model, optimizer, images, targets, batch_mask,
-                                       freeze_bn_on_perturbed=freeze_bn_on_perturbed, scaler=scaler)
+            loss_sum, correct = sgd_step(model, optimizer, images, targets, scaler=scaler)
+        # Right after the step, on the same stream: a graph's outputs are only valid until the
+        # next replay.
         total_loss += loss_sum
         total_correct += correct
         total_seen += len(indices)
-        total_sam += int(batch_mask.sum())
         if progress and step % max(print_freq, 1) == 0:
             loss, correct = read_and_check(step)
-            bar.set_postfix(loss=f"{loss / total_seen:.3f}", acc=f"{correct / total_seen:.3f}")
+            # Drawn by the bar itself right after this step (progress_bar: every print_freq steps).
+            bar.set_postfix(loss=f"{loss / total_seen:.3f}", acc=f"{correct / total_seen:.3f}", refresh=False)
+        yield step
     total_loss, total_correct = read_and_check(step)
     seconds = time.perf_counter() - start
     return {

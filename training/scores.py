@@ -1,9 +1,30 @@
-"""Per-sample sharpness scores for SharpBalance's split (README: "What SharpBalance does", step 2).
+"""The per-sample squared gradient norm s(x) = ‖∇_θ CE(f_θ(x), y)‖²₂, in one implementation.
 
-s_m(x) = ‖∇_θ CE(f_θ(x), y)‖²₂ over all trainable parameters of member m, in eval mode (BatchNorm on
-running statistics, so a sample's gradient does not depend on the other samples of its batch).
-``per_sample_sharpness`` computes it for every training sample with one of two exact backends,
-``per_sample_sharpness_loop`` is the slow reference (one backward pass per sample).
+It is SharpBalance's per-sample score (README: "What SharpBalance does", step 2: every training sample,
+every member, before the partition) and, averaged over fixed batches, the ``fisher`` measurement of
+measure_sharpness.py (the mean is the trace of the empirical Fisher, hence the mode's name). The norm
+is over all trainable parameters, in eval mode (BatchNorm on running statistics, so a sample's
+gradient does not depend on the other samples of its batch). ``squared_grad_norms`` computes it for
+every sample a loader yields, with one of two exact backends:
+
+``func``  torch.func: vmap over grad of one sample's loss; each per-sample gradient is reduced
+          to its squared norm inside the vmapped function. Works for any model torch.func can
+          trace. Its cost is dominated by the batching rule of the convolution weight gradient.
+``hooks`` one ordinary forward and backward pass over the chunk. Forward hooks keep each
+          layer's input, tensor hooks its output gradient; from those two the per-sample
+          gradient of the layer's weight and bias follows in closed form:
+            Linear / Conv2d: weight grad of sample b = Σ_p g_bp a_bpᵀ over output positions p
+              (a = the input patch seen at p). Its squared norm comes either from the
+              materialised per-sample gradient (convolutions: one weight-gradient convolution
+              with a group per sample; Linear: one bmm) or, when the layer has few positions,
+              from Gram matrices: ‖Σ_p g_p a_pᵀ‖² = Σ_pq (g_p·g_q)(a_p·a_q) (unfold for
+              convolutions; a Linear on flat features gives ‖g‖²·‖a‖²). Bias grad = Σ_p g_bp.
+            BatchNorm (eval): weight grad = Σ_p g_bp · x̂_bp with x̂ normalised by the running
+              statistics, bias grad = Σ_p g_bp, per channel.
+          Parameters of any other layer (or shared between layers) are scored by ``func`` on the
+          same chunk, restricted to those parameters; squared norms add over parameters.
+``auto``  ``hooks`` when the model allows it, checked once against a plain backward pass on
+          the first sample; otherwise, or if that check fails, ``func``.
 """
 import warnings
 
@@ -14,32 +35,10 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from training.accel import plain_forward
+from training.accel import plain_copy
+from utils.progress import progress_bar
 
-# Two exact ways to get s(x) = ‖∇_θ CE(f_θ(x), y)‖²₂ for every sample of a batch, both in eval mode
-# (BatchNorm on running statistics, so samples do not interact and a batch gives each sample's own
-# gradient):
-#
-# ``func``  torch.func: vmap over grad of one sample's loss; each per-sample gradient is reduced
-#           to its squared norm inside the vmapped function. Works for any model torch.func can
-#           trace. Its cost is dominated by the batching rule of the convolution weight gradient.
-# ``hooks`` one ordinary forward and backward pass over the chunk. Forward hooks keep each
-#           layer's input, tensor hooks its output gradient; from those two the per-sample
-#           gradient of the layer's weight and bias follows in closed form:
-#             Linear / Conv2d: weight grad of sample b = Σ_p g_bp a_bpᵀ over output positions p
-#               (a = the input patch seen at p). Its squared norm comes either from the
-#               materialised per-sample gradient (convolutions: one weight-gradient convolution
-#               with a group per sample; Linear: one bmm) or, when the layer has few positions,
-#               from Gram matrices: ‖Σ_p g_p a_pᵀ‖² = Σ_pq (g_p·g_q)(a_p·a_q) (unfold for
-#               convolutions; a Linear on flat features gives ‖g‖²·‖a‖²). Bias grad = Σ_p g_bp.
-#             BatchNorm (eval): weight grad = Σ_p g_bp · x̂_bp with x̂ normalised by the running
-#               statistics, bias grad = Σ_p g_bp, per channel.
-#           Parameters of any other layer (or shared between layers) are scored by ``func`` on the
-#           same chunk, restricted to those parameters; squared norms add over parameters.
-# ``auto``  ``hooks`` when the model allows it, checked once against a plain backward pass on
-#           the first sample; otherwise, or if that check fails, ``func``.
-
-SHARPNESS_BACKENDS = ("auto", "func", "hooks")
+SCORE_BACKENDS = ("auto", "func", "hooks")  # --score_backend
 
 
 def _split_parameters(model, names=None):
@@ -57,8 +56,8 @@ def _rowwise_squared_norm(t):
     return torch.linalg.vector_norm(t.float().reshape(t.shape[0], -1), dim=1).square()
 
 
-class _FuncScorer:
-    """Per-sample squared gradient norms by ``vmap(grad(...))`` (optionally over some parameters)."""
+class _FuncNorms:
+    """Squared gradient norms of a batch's samples by ``vmap(grad(...))`` (optionally over some parameters)."""
 
     def __init__(self, model, names=None):
         params, frozen, buffers = _split_parameters(model, names)
@@ -69,10 +68,11 @@ class _FuncScorer:
             return F.cross_entropy(logits, target.unsqueeze(0))
 
         def sample_squared_norm(trainable, image, target):
-            # Reduced here, inside vmap: what leaves the transform is one number per sample.
+            # Reduced here, inside vmap: what leaves the transform is one number per sample. A sum
+            # of squares per parameter, added in parameter order.
             total = torch.zeros((), dtype=torch.float32, device=image.device)
             for g in grad(sample_loss)(trainable, image, target).values():
-                total = total + torch.linalg.vector_norm(g.float()).square()
+                total = total + g.float().reshape(-1).pow(2).sum()
             return total
 
         # Built once; every chunk reuses the same transformed function.
@@ -111,8 +111,7 @@ def _use_gram(positions, inputs, outputs):
 
     Gram: positions²·(inputs + outputs) multiply-adds per sample, materialised:
     positions·inputs·outputs. The factor 2 favours the Gram form because the materialised path
-    (a convolution with one group per sample) runs well below peak once positions are few
-    (measured on CPU for ResNet18 at widths 16 and 64).
+    (a convolution with one group per sample) runs well below peak once positions are few.
     """
     return positions * (inputs + outputs) < 2 * inputs * outputs
 
@@ -207,8 +206,8 @@ def _layer_squared_norm(kind, module, x, g):
     return total
 
 
-class _HookScorer:
-    """Per-sample squared gradient norms from one batched forward/backward pass and layer hooks."""
+class _HookNorms:
+    """Squared gradient norms of a batch's samples from one batched forward/backward pass and layer hooks."""
 
     def __init__(self, model):
         self.model = model
@@ -229,13 +228,13 @@ class _HookScorer:
                 continue
             kind = _hook_kind(module)
             if kind is None or set(own) - {"weight", "bias"} or any(holders[id(p)] > 1 for p in own.values()):
-                continue  # left to the func scorer
+                continue  # left to the func backend
             self.layers[module] = kind
             hooked.update(f"{module_name}.{name}" if module_name else name for name in own)
         rest = {name for name, p in model.named_parameters() if p.requires_grad and name not in hooked}
-        self.rest = _FuncScorer(model, rest) if rest else None
+        self.rest = _FuncNorms(model, rest) if rest else None
         if not self.layers and self.rest is None:
-            self.rest = _FuncScorer(model)  # nothing trainable: zeros either way
+            self.rest = _FuncNorms(model)  # nothing trainable: zeros either way
 
     def __call__(self, images, targets):
         batch = targets.shape[0]
@@ -293,7 +292,7 @@ class _HookScorer:
 
 
 def _loop_squared_norms(model, images, targets):
-    """(B,) float32 by one plain forward and backward per sample (the reference)."""
+    """(B,) float32 by one plain forward and backward per sample (what the hooks are checked against)."""
     params = [p for p in model.parameters() if p.requires_grad]
     out = torch.zeros(targets.shape[0], dtype=torch.float32)
     with torch.enable_grad():
@@ -304,116 +303,158 @@ def _loop_squared_norms(model, images, targets):
     return out
 
 
-def _check_hooks(scorer, model, images, targets, squared_norm):
+# How closely the hooks must agree with a plain backward pass on one sample (``_check_hooks``). In
+# fp32 the two differ by the order of additions only. With TF32 (torch's default for cuDNN
+# convolutions on Ampere and later GPUs, as in the authors' runs) every convolution rounds its inputs
+# to 10 mantissa bits (2^-11 ≈ 4.9e-4 relative), in different kernels for the two computations and
+# through every layer of the backward pass: 1.2e-3 was seen on trained ResNet18 weights, so the
+# check allows 2e-2 there. A hooks error the check exists for (a weight also used outside its
+# layer) is of the order of the gradient itself.
+FP32_RTOL, TF32_RTOL = 1e-3, 2e-2
+IN_CHUNK_RTOL = 5e-2
+
+
+def tf32_in_effect(device):
+    """Whether convolutions or matmuls on ``device`` may round their inputs to TF32."""
+    return torch.device(device).type == "cuda" and bool(torch.backends.cudnn.allow_tf32
+                                                        or torch.backends.cuda.matmul.allow_tf32)
+
+
+def _check_hooks(norms, model, images, targets, squared_norm):
     """Raise ``_HookUnsupported`` unless the hooks agree with plain autograd on the first sample.
 
     Guards the assumptions no static check covers: every parameter is used only through its own
     layer's forward, and samples do not interact in eval mode. The first sample alone, by hooks and
-    by one plain backward pass, must agree to float rounding; its score inside the chunk must agree
-    with that loosely (batched and single-sample kernels round differently, and a ReLU input that
-    rounds to the other side of zero changes a gradient by more than rounding).
+    by one plain backward pass, must agree to float rounding (``FP32_RTOL``, or ``TF32_RTOL`` where
+    TF32 is in effect); its score inside the chunk must agree with that loosely (batched and
+    single-sample kernels round differently, and a ReLU input that rounds to the other side of
+    zero changes a gradient by more than rounding).
     """
-    alone = scorer(images[:1], targets[:1]).float().cpu()
+    rtol = TF32_RTOL if tf32_in_effect(images.device) else FP32_RTOL
+    alone = norms(images[:1], targets[:1]).float().cpu()
     reference = _loop_squared_norms(model, images[:1], targets[:1])
     in_chunk = squared_norm[:1].float().cpu()
-    if not torch.allclose(alone, reference, rtol=1e-3, atol=1e-12):
+    if not torch.allclose(alone, reference, rtol=rtol, atol=1e-12):
         raise _HookUnsupported(f"hooks gave {float(alone[0]):.6g}, a plain backward pass "
-                               f"{float(reference[0]):.6g} for the same sample")
-    if not torch.allclose(in_chunk, reference, rtol=5e-2, atol=1e-12):
+                               f"{float(reference[0]):.6g} for the same sample (relative tolerance {rtol:g})")
+    if not torch.allclose(in_chunk, reference, rtol=max(IN_CHUNK_RTOL, rtol), atol=1e-12):
         raise _HookUnsupported(f"a sample scored {float(in_chunk[0]):.6g} in its batch but "
                                f"{float(reference[0]):.6g} alone: samples interact in eval mode")
 
 
-def per_sample_sharpness(model, loader, device, chunk_size=64, progress=False, num_samples=None,
-                         backend="func"):
-    """Squared per-sample gradient norm for every sample of ``loader``, as float32 (N,) on the CPU.
+def _needs_plain_copy(model):
+    """Whether the fast path changed ``model`` (a fast forward, or channels_last weights)."""
+    return "forward" in model.__dict__ or any(p.dim() == 4 and not p.is_contiguous() for p in model.parameters())
 
-    ``loader`` yields ``(images, targets, indices)``; ``indices`` are positions in the training
-    split and say where each score is written (N = ``len(loader.dataset)`` unless ``num_samples``).
-    The model is put in eval mode, so BatchNorm uses its running statistics and a sample's gradient
-    does not depend on the other samples of its batch; its previous mode is restored afterwards.
-    Samples are scored ``chunk_size`` at a time, so memory stays at one chunk of per-sample
-    gradients. ``backend``: ``func`` (vmap over grad), ``hooks`` (one batched backward pass and
-    closed-form per-layer norms; other layers by ``func``) or ``auto`` (``hooks`` when the model
-    allows it and it agrees with a plain backward pass on the first sample, else ``func``).
-    All three give the same numbers up to float rounding. A model prepared by the fast path
-    (``training.accel``) is scored with its plain fp32 eager forward, so the split does not depend
-    on ``--amp`` or ``--compile``. The scores stay on the device until one copy at the end.
+
+def squared_grad_norms(model, loader, device, chunk_size=64, progress=False, num_samples=None, backend="func",
+                       print_freq=1, desc="squared gradient norms", fallback=None):
+    """‖∇_θ CE(f_θ(x), y)‖² of every sample of ``loader``, as float32 (N,) on the CPU.
+
+    ``loader`` yields ``(images, targets, indices)``; ``indices`` are positions in the dataset (the
+    training split, for the partition) and say where each norm is written (N = ``len(loader.dataset)``
+    unless ``num_samples``; every position must be yielded). The model is put in eval mode, so BatchNorm uses its running
+    statistics and a sample's gradient does not depend on the other samples of its batch; its
+    previous mode is restored afterwards. Samples are taken ``chunk_size`` at a time, so memory
+    stays at one chunk of per-sample gradients. ``backend``: ``func``, ``hooks`` or ``auto`` (module
+    docstring); all three give the same numbers up to float rounding. A model prepared by the fast
+    path (``training.accel``) is scored as a copy with the plain fp32 eager forward in the default
+    memory format (``accel.plain_copy``), so the partition does not depend on ``--amp``,
+    ``--compile`` or ``--channels_last``. The norms stay on the device until one copy at the end.
+    ``progress`` shows a bar (``desc``) redrawn every ``print_freq`` batches.
+
+    Where the hooks cannot score the model exactly (a static reason, or the check on the first
+    chunk): with ``fallback=None``, ``hooks`` raises and ``auto`` warns (UserWarning) and uses
+    ``func``; with a callable ``fallback``, both call it with one line saying why and use ``func``
+    (the trainer: the partition never stops on it).
     """
-    if "forward" in model.__dict__:
-        with plain_forward(model):
-            return per_sample_sharpness(model, loader, device, chunk_size, progress, num_samples, backend)
+    return _squared_grad_norms(model, loader, device, chunk_size, progress, num_samples, backend, print_freq, desc,
+                               fallback)[0]
+
+
+def check_score_backend(model, loader, device, backend="auto", chunk_size=64):
+    """Score the first chunk of ``loader`` as the partition will; returns ``(backend, reason)``.
+
+    ``backend`` is what scores the partition: ``hooks`` where they are exact on this model (checked
+    against a plain backward pass, as ``squared_grad_norms`` does), else ``func``; ``reason`` says
+    why the hooks were not taken (None when they were, or when ``func`` was asked for). Cheap (one
+    chunk), so the trainer runs it before the first epoch: a model the chosen backend cannot score,
+    or a chunk that does not fit in memory, shows before any training, not at the partition.
+    """
+    images, targets, _ = next(iter(loader))
+    count = min(chunk_size, targets.shape[0])
+    one_chunk = [(images[:count], targets[:count], torch.arange(count))]
+    reasons = []
+    used = _squared_grad_norms(model, one_chunk, device, chunk_size, False, count, backend, 1, "", reasons.append)[1]
+    return used, (reasons[0] if reasons else None)
+
+
+def _squared_grad_norms(model, loader, device, chunk_size, progress, num_samples, backend, print_freq, desc, fallback):
+    """``squared_grad_norms`` and the backend that computed them ("hooks" or "func")."""
+    if _needs_plain_copy(model):
+        return _squared_grad_norms(plain_copy(model), loader, device, chunk_size, progress, num_samples, backend,
+                                   print_freq, desc, fallback)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    if backend not in SHARPNESS_BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(SHARPNESS_BACKENDS)}, got '{backend}'")
+    if backend not in SCORE_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(SCORE_BACKENDS)}, got '{backend}'")
+
+    def hooks_unusable(error, checked_on_data):
+        if fallback is not None:
+            where = " (checked on the first chunk)" if checked_on_data else ""
+            fallback(f"the hooks backend cannot score this model{where}: {error}; scoring with torch.func")
+        elif backend == "hooks":
+            raise (RuntimeError if checked_on_data else ValueError)(
+                f"the hooks backend cannot score this model: {error}") from None
+        else:
+            warnings.warn(f"squared gradient norms: falling back to torch.func ({error})")
+
     was_training = model.training
     model.eval()
     try:
-        scorer, checked = None, True
+        norms, checked, used = None, True, "func"
         if backend in ("auto", "hooks"):
             try:
-                scorer, checked = _HookScorer(model), False
+                norms, checked, used = _HookNorms(model), False, "hooks"
             except _HookUnsupported as error:
                 if backend == "hooks":
-                    raise ValueError(f"the hooks backend cannot score this model: {error}") from None
-        if scorer is None:
-            scorer = _FuncScorer(model)
+                    hooks_unusable(error, False)
+        if norms is None:
+            norms = _FuncNorms(model)
         n = len(loader.dataset) if num_samples is None else num_samples
-        # Scores stay on the device, in loader order, and come back in one copy at the end; the
+        # The norms stay on the device, in loader order, and come back in one copy at the end; the
         # positions they belong to are known on the host (the loader's indices).
         parts, positions = [], []
-        batches = loader
-        if progress:
-            from tqdm import tqdm
-            batches = tqdm(loader, desc="per-sample sharpness", leave=False)
-        for images, targets, indices in batches:
+        for images, targets, indices in progress_bar(loader, desc, every=print_freq, enabled=progress):
             images, targets = images.to(device), targets.to(device)
             for start in range(0, targets.shape[0], chunk_size):
                 chunk_images = images[start:start + chunk_size]
                 chunk_targets = targets[start:start + chunk_size]
                 try:
-                    squared_norm = scorer(chunk_images, chunk_targets)
+                    squared_norm = norms(chunk_images, chunk_targets)
                     if not checked:
-                        _check_hooks(scorer, model, chunk_images, chunk_targets, squared_norm)
+                        _check_hooks(norms, model, chunk_images, chunk_targets, squared_norm)
                         checked = True
                 except _HookUnsupported as error:
-                    if backend == "hooks":
-                        raise RuntimeError(f"the hooks backend cannot score this model: {error}") from None
-                    warnings.warn(f"per-sample sharpness: falling back to torch.func ({error})")
-                    scorer, checked = _FuncScorer(model), True
-                    squared_norm = scorer(chunk_images, chunk_targets)
+                    hooks_unusable(error, True)
+                    norms, checked, used = _FuncNorms(model), True, "func"
+                    squared_norm = norms(chunk_images, chunk_targets)
                 parts.append(squared_norm.float())
                 positions.append(np.asarray(indices[start:start + chunk_size], dtype=np.int64).reshape(-1))
     finally:
         model.train(was_training)
-    return _assemble(parts, positions, n)
+    return _assemble(parts, positions, n), used
 
 
 def _assemble(parts, positions, n):
-    """(N,) float32 CPU scores from per-chunk device scores and their host-side positions."""
+    """(N,) float32 CPU norms from per-chunk device norms and their host-side positions."""
     positions = np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64)
     covered = np.zeros(n, dtype=bool)
     covered[positions] = True
     if not covered.all():
         raise ValueError(f"the loader did not yield {int((~covered).sum())} of {n} sample indices; "
-                         "per-sample sharpness needs every training sample exactly once")
-    scores = torch.zeros(n, dtype=torch.float32)
+                         "squared_grad_norms needs every sample exactly once")
+    norms = torch.zeros(n, dtype=torch.float32)
     if parts:
-        scores[torch.from_numpy(positions)] = torch.cat(parts).to("cpu", copy=True)  # the pass's one read
-    return scores
-
-
-def per_sample_sharpness_loop(model, loader, device, num_samples=None):
-    """Reference for ``per_sample_sharpness``: one forward and backward per sample (slow)."""
-    was_training = model.training
-    model.eval()
-    parts, positions = [], []
-    try:
-        for images, targets, indices in loader:
-            images, targets = images.to(device), targets.to(device)
-            parts.append(_loop_squared_norms(model, images, targets))
-            positions.append(np.asarray(indices, dtype=np.int64).reshape(-1))
-    finally:
-        model.train(was_training)
-    return _assemble(parts, positions, len(loader.dataset) if num_samples is None else num_samples)
+        norms[torch.from_numpy(positions)] = torch.cat(parts).to("cpu", copy=True)  # the pass's one read
+    return norms

@@ -1,18 +1,14 @@
 """Training an ensemble: one member per seed, phase by phase, resumable, on one or several processes.
 
-The run is laid out as
-    <save_path>/args.json                    the command's arguments (method keys checked on resume)
-    <save_path>/.lock                        while a run is using the folder (training/run_folder.py)
-    <save_path>/sharpbalance_split.pt        scores (M, N) and SAM masks (M, N), written once
-    <save_path>/seed_<s>/checkpoint.pth.tar  last completed epoch, everything resume needs
-    <save_path>/seed_<s>/model_best.pth.tar  best validation accuracy so far
-    <save_path>/seed_<s>/log.csv             one row per epoch
+The run folder (``--save_path``: args.json, the lock, the split, seed_<s>/ with checkpoint,
+model_best and log) and every check made of it are in utils/run_folder.py.
 
 Why phase by phase: SharpBalance's split needs every member's scores at the same epoch. Training
 all members to the split, scoring, splitting, then training all to the end means no process ever
-waits on a barrier for another member, and one process can train the whole ensemble.
+waits on a barrier for another member, and one process can train the whole ensemble. Within a
+phase the members of a process train one after the other, or with ``--lockstep`` side by side,
+step by step (training/lockstep.py); each member's numbers are the same either way.
 """
-import csv
 import os
 import random
 import signal
@@ -25,12 +21,15 @@ import torch
 from data import BatchLoader
 from models import create_model
 from training.accel import FastPath
-from training.engine import NonFiniteLoss, evaluate, train_one_epoch
+from training.engine import NonFiniteLoss, evaluate, train_epoch_steps
+from training.graphs import member_graphs
+from training.method import method_name, partition_epoch
+from training.partition import build_sam_masks, resolve_split_rule
 from training.sam import SAM
-from training.scores import per_sample_sharpness
-from training.split import build_sam_masks, resolve_split_rule
-from training.run_folder import BEST_NAME, CHECKPOINT_NAME, SPLIT_NAME, open_run_folder
-from utils.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
+from training.lockstep import member_streams, run_in_lockstep
+from training.scores import check_score_backend, squared_grad_norms
+from utils import run_folder
+from utils.checkpoint import copy_checkpoint, save_checkpoint
 from utils.distributed import barrier, gather_member_rows, members_for_rank
 from utils.errors import UserError
 
@@ -38,37 +37,19 @@ from utils.errors import UserError
 METHOD_KEYS = ("data", "model", "width", "seeds", "epochs", "lr", "lrsche", "batch_size", "momentum",
                "weight_decay", "sam", "rho", "flat_ratio", "initial_epochs", "train_subset", "select",
                "split_rule", "freeze_bn_on_perturbed", "tiny_val", "amp", "channels_last", "compile",
-               "shortcut_scale")
-LOG_FIELDS = ("epoch", "phase", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc",
-              "sam_fraction", "epoch_seconds", "samples_per_second")
-
-
-def method_name(args):
-    if not args.sam:
-        return "deep_ensemble"
-    return "sharpbalance" if args.flat_ratio > 0 else "sam"
-
-
-def split_epoch(args):
-    """The epoch at whose start SharpBalance splits the data, or None when it never does.
-
-    The release checks ``epoch - 1 == initial_epochs`` at the start of each (0-indexed) epoch, so the
-    split follows initial_epochs + 1 epochs of SAM on all data (epoch 0 when initial_epochs = -1).
-    """
-    if args.sam and args.flat_ratio > 0:
-        return args.initial_epochs + 1
-    return None
+               "shortcut_scale", "cudnn")
 
 
 def run_arguments(args):
     return {key: getattr(args, key) for key in METHOD_KEYS}
 
 
-def _test_kill_point(name):
-    """Test hook: with SHARPBALANCE_KILL_AT=<name> in the environment the process SIGKILLs itself
-    here, so tests can interrupt at an exact point (tests/test_run_folder.py). Unset: nothing."""
-    if os.environ.get("SHARPBALANCE_KILL_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+def split_settings(args):
+    """What a saved SharpBalance split must record for this command; None without SharpBalance."""
+    if partition_epoch(args) is None:
+        return None
+    return {"seeds": list(args.seeds), "flat_ratio": args.flat_ratio, "train_subset": args.train_subset,
+            "split_rule": resolve_split_rule(args.split_rule, args.data), "select": args.select}
 
 
 class Member:
@@ -76,8 +57,7 @@ class Member:
 
     def __init__(self, args, position, seed, splits, device):
         self.args, self.position, self.seed, self.device = args, position, seed, device
-        self.directory = os.path.join(args.save_path, f"seed_{seed}")
-        self.log_path = os.path.join(self.directory, "log.csv")
+        self.directory = run_folder.member_dir(args.save_path, seed)
         # Everything random about a member comes from its own seed: initialisation here, data order
         # and augmentation in its BatchLoader. A member trained alone equals it inside an ensemble.
         torch.manual_seed(seed)
@@ -99,6 +79,8 @@ class Member:
         else:
             milestones = [int(args.epochs / 2), int(args.epochs * 3 / 4)]
             self.scheduler = torch.optim.lr_scheduler.MultiStepLR(base, milestones=milestones, gamma=0.1)
+        self.graphs = member_graphs(args, self.model, self.optimizer, device)  # --cuda_graphs (None: eager)
+        self.stream = None  # a CUDA stream of its own with --lockstep or --cuda_graphs (_train_members)
         self.train_loader = BatchLoader(splits.train, args.batch_size, device, shuffle=True, seed=seed)
         self.val_loader = BatchLoader(splits.val, args.eval_batch_size, device)
         # best_epoch: the epoch model_best.pth.tar holds (0 = none yet); None for checkpoints from
@@ -121,11 +103,11 @@ class Member:
         """Continue from this member's checkpoint, if any (open_run_folder has checked that it
         belongs to this command). Without one the member starts afresh (log rows of an attempt
         that completed no epoch are dropped)."""
-        path = os.path.join(self.directory, CHECKPOINT_NAME)
+        path = os.path.join(self.directory, run_folder.CHECKPOINT_NAME)
         if not os.path.isfile(path):
-            self._truncate_log()
+            run_folder.truncate_log(self.directory, 0, label=f"[seed {self.seed}] ")
             return False
-        state = load_checkpoint(path, map_location=self.device)
+        state = run_folder.read_checkpoint(path, map_location=self.device)
         try:
             self.model.load_state_dict(state["state_dict"])
         except RuntimeError as err:  # the metadata checks missed a difference (e.g. a foreign file)
@@ -142,56 +124,47 @@ class Member:
         self.scheduler.load_state_dict(state["scheduler"])
         self.epochs_done, self.best_acc = int(state["epoch"]), float(state["best_acc"])
         self.best_epoch = state.get("best_epoch")
-        if self.best_epoch and not os.path.isfile(os.path.join(self.directory, BEST_NAME)):
-            print(f"[seed {self.seed}] note: {BEST_NAME} is missing (epoch {self.best_epoch}, val acc "
+        if self.best_epoch and not os.path.isfile(os.path.join(self.directory, run_folder.BEST_NAME)):
+            print(f"[seed {self.seed}] note: {run_folder.BEST_NAME} is missing (epoch {self.best_epoch}, val acc "
                   f"{self.best_acc:.4f}, was the best); the best is tracked afresh from the next epoch", flush=True)
             self.best_acc, self.best_epoch = 0.0, 0
         self.sam_mask = state.get("sam_mask")
         self.fast.load_state_dict(state)
         torch.set_rng_state(state["rng_cpu"].cpu())
-        self._truncate_log()
+        # Drop log rows of epochs after the checkpoint (a crash between log and checkpoint).
+        run_folder.truncate_log(self.directory, self.epochs_done, label=f"[seed {self.seed}] ")
         return True
-
-    def _truncate_log(self):
-        """Drop log rows of epochs after the checkpoint (a crash between log and checkpoint)."""
-        if not os.path.isfile(self.log_path):
-            return
-        with open(self.log_path, newline="") as f:
-            rows = [row for row in csv.DictReader(f) if int(row["epoch"]) <= self.epochs_done]
-        self._write_log(rows, mode="w")
-
-    def _write_log(self, rows, mode="a"):
-        os.makedirs(self.directory, exist_ok=True)
-        new_file = mode == "w" or not os.path.isfile(self.log_path)
-        with open(self.log_path, mode, newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-            if new_file:
-                writer.writeheader()
-            writer.writerows(rows)
 
     # ------------------------------------------------------------------------------ training
     def phase(self):
-        if not self.args.sam:
+        method = method_name(self.args)
+        if method == "deep_ensemble":
             return "sgd"
         if self.sam_mask is not None:
             return "mixed"
-        return "warm-up" if split_epoch(self.args) is not None else "sam"
+        return "warm-up" if method == "sharpbalance" else "sam"
 
     def train_until(self, end_epoch, progress=True):
+        """Train until ``end_epoch`` epochs are done, on the member's stream if it has one."""
+        run_in_lockstep([self.training(end_epoch, progress)], [self.stream])
+
+    def training(self, end_epoch, progress=True):
+        """Train until ``end_epoch`` epochs are done; a generator that yields after every training
+        step, so that members can take turns (training/lockstep.py), and returns at the end."""
         args = self.args
         while self.epochs_done < end_epoch:
             epoch = self.epochs_done
             phase = self.phase()
             lr = self.scheduler.get_last_lr()[0]
             desc = f"seed {self.seed} epoch {epoch + 1}/{args.epochs}"
-            stats = train_one_epoch(self.model, self.optimizer, self.train_loader, epoch, use_sam=args.sam,
-                                    sam_mask=self.sam_mask, freeze_bn_on_perturbed=args.freeze_bn_on_perturbed,
-                                    print_freq=args.print_freq, desc=desc, progress=progress,
-                                    scaler=self.fast.scaler)
+            stats = yield from train_epoch_steps(
+                self.model, self.optimizer, self.train_loader, epoch, use_sam=args.sam, sam_mask=self.sam_mask,
+                freeze_bn_on_perturbed=args.freeze_bn_on_perturbed, print_freq=args.print_freq, desc=desc,
+                progress=progress, scaler=self.fast.scaler, graphs=self.graphs)
             val_loss, val_acc = evaluate(self.model, self.val_loader)
             self.scheduler.step()
             self.epochs_done = epoch + 1
-            best_path = os.path.join(self.directory, BEST_NAME)
+            best_path = os.path.join(self.directory, run_folder.BEST_NAME)
             # The first epoch always writes a best file, even at 0% validation accuracy.
             is_best = val_acc > self.best_acc or not os.path.isfile(best_path)
             if is_best:
@@ -199,15 +172,15 @@ class Member:
             row = dict(epoch=epoch + 1, phase=phase, lr=lr, val_loss=val_loss, val_acc=val_acc,
                        best_val_acc=self.best_acc, **stats)
             # Log first, checkpoint second: a crash in between leaves a row that resume truncates.
-            self._write_log([{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}])
+            run_folder.append_log(self.directory, [{k: (f"{v:.6g}" if isinstance(v, float) else v)
+                                                    for k, v in row.items()}])
             # Checkpoint first, best second (a byte copy of the checkpoint). An interruption in
             # between leaves model_best one improving epoch behind a checkpoint that records itself
             # as the best; the next start copies it again (run_folder.repair_best).
-            checkpoint_path = os.path.join(self.directory, CHECKPOINT_NAME)
+            checkpoint_path = os.path.join(self.directory, run_folder.CHECKPOINT_NAME)
             try:
                 save_checkpoint(self.state(), checkpoint_path)
                 if is_best:
-                    _test_kill_point(f"before-best:{epoch + 1}")
                     copy_checkpoint(checkpoint_path, best_path)
             except UserError as err:
                 raise UserError(f"member seed {self.seed}, epoch {epoch + 1}: {err}; free space (or fix "
@@ -218,24 +191,49 @@ class Member:
                   f"{stats['epoch_seconds']:.1f}s {stats['samples_per_second']:.0f} img/s", flush=True)
 
 
-def compute_split(args, members, all_seeds, splits, device, rank, world_size):
+def choose_score_backend(args, members, splits, device, split_at):
+    """The backend that will score the partition, tried before the first epoch on one chunk.
+
+    A run that will score (SharpBalance without its split file yet) scores one chunk of the training
+    split with this process's first member as the partition will (``scores.check_score_backend``):
+    hooks that disagree with a plain backward pass become torch.func with one line now, and a
+    backend that cannot score the model at all, or a chunk that does not fit in memory, fails now
+    instead of after the warm-up. Returns ``--score_backend`` unchanged when nothing will be scored.
+    """
+    if (split_at is None or args.train_subset != "boosting" or not members
+            or os.path.isfile(run_folder.split_path(args.save_path))):
+        return args.score_backend
+    loader = BatchLoader(splits.train_eval, args.eval_batch_size, device)
+    backend, reason = check_score_backend(members[0].model, loader, device, args.score_backend, args.score_chunk)
+    if reason:
+        print(f"warning: --score_backend {args.score_backend}: {reason}", file=sys.stderr, flush=True)
+    return backend
+
+
+def compute_split(args, members, all_seeds, splits, device, rank, world_size, backend=None):
     """Score every member, share the scores, and return the (M, N) SAM masks (identical on all ranks).
+
+    ``backend``: the scoring backend ``choose_score_backend`` settled on (default ``--score_backend``).
+    Should the hooks still disagree with a plain backward pass on a trained member (float rounding
+    near the tolerance), that member is scored with torch.func after one line: never a traceback here.
 
     The split is computed once and saved; a resumed run reads it back instead of rescoring (the
     models it was computed from no longer exist once training has moved on).
     """
-    split_path = os.path.join(args.save_path, SPLIT_NAME)
+    split_path = run_folder.split_path(args.save_path)
     if os.path.isfile(split_path):  # checked against the command by open_run_folder
-        return torch.load(split_path, weights_only=True)["sam_masks"]
+        return run_folder.read_split(args.save_path)["sam_masks"]
     num_members, n = len(all_seeds), len(splits.train)
     if args.train_subset == "boosting":
         loader = BatchLoader(splits.train_eval, args.eval_batch_size, device)
         rows = {}
         for member in members:
-            print(f"[seed {member.seed}] scoring {n} training samples (per-sample gradient norms)", flush=True)
-            rows[member.position] = per_sample_sharpness(member.model, loader, device, chunk_size=args.score_chunk,
-                                                         progress=not args.no_progress, num_samples=n,
-                                                         backend=args.score_backend)
+            print(f"[seed {member.seed}] scoring {n} training samples (per-sample squared gradient norms)", flush=True)
+            rows[member.position] = squared_grad_norms(
+                member.model, loader, device, chunk_size=args.score_chunk, progress=not args.no_progress,
+                num_samples=n, backend=backend or args.score_backend, print_freq=args.print_freq,
+                fallback=lambda line, seed=member.seed: print(f"warning: [seed {seed}] {line}", file=sys.stderr,
+                                                              flush=True))
         scores = gather_member_rows(rows, num_members, n, world_size, device)
     else:
         scores = torch.zeros(num_members, n)  # the ablations draw their subsets without scores
@@ -243,10 +241,7 @@ def compute_split(args, members, all_seeds, splits, device, rank, world_size):
         scores.numpy(), args.flat_ratio, train_subset=args.train_subset, split_rule=args.split_rule,
         select=args.select, dataset=args.data, seeds=all_seeds)), dtype=torch.bool)
     if rank == 0:
-        save_checkpoint({"scores": scores, "sam_masks": masks, "seeds": list(all_seeds),
-                         "flat_ratio": args.flat_ratio, "train_subset": args.train_subset,
-                         "split_rule": resolve_split_rule(args.split_rule, args.data), "select": args.select},
-                        split_path)
+        save_checkpoint({"scores": scores, "sam_masks": masks, **split_settings(args)}, split_path)
     fractions = ", ".join(f"seed {s}: {float(masks[i].float().mean()):.3f}" for i, s in enumerate(all_seeds))
     print(f"SharpBalance split done; SAM fraction per member: {fractions}", flush=True)
     return masks
@@ -254,15 +249,15 @@ def compute_split(args, members, all_seeds, splits, device, rank, world_size):
 
 def run_training(args, splits, device, rank=0, world_size=1):
     """Train this rank's members of the ensemble, phase by phase; returns them."""
-    split_at = split_epoch(args)
+    split_at = partition_epoch(args)
     # SIGTERM (a scheduler stopping the job, torchrun tearing down its workers) becomes SystemExit,
     # so the finally below releases the folder's lock even on another host's rerun of the job.
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
     lock = None
     try:
-        lock = open_run_folder(args, run_arguments(args), len(splits.train), splits.info.num_classes,
-                               method_name(args), split_at, rank, world_size)
+        lock = run_folder.open_run_folder(args, run_arguments(args), len(splits.train), splits.info.num_classes,
+                                          method_name(args), split_at, split_settings(args), rank, world_size)
         return _train_members(args, splits, device, rank, world_size, split_at)
     finally:
         if lock is not None:
@@ -281,26 +276,63 @@ def _train_members(args, splits, device, rank, world_size, split_at):
     all_seeds = args.seeds
     members = [Member(args, position, all_seeds[position], splits, device)
                for position in members_for_rank(len(all_seeds), rank, world_size)]
-    for member in members:
-        if member.resume():
-            print(f"[seed {member.seed}] resumed after epoch {member.epochs_done}", flush=True)
+    resumed = [member for member in members if member.resume()]
+    if run_folder.finished(args.save_path, all_seeds, args.epochs):
+        # Checked against the command, and every checkpoint loaded: rerunning a finished run costs no training.
+        if rank == 0:
+            print(f"nothing to train: every member in '{args.save_path}' has completed its {args.epochs} "
+                  "epochs with these arguments", flush=True)
+        return members
+    for member in resumed:
+        print(f"[seed {member.seed}] resumed after epoch {member.epochs_done}", flush=True)
+    score_backend = choose_score_backend(args, members, splits, device, split_at)
+    # On CUDA, members in lockstep or with graph-captured steps queue their work on a stream each
+    # (a capture runs on the stream its warm-up steps ran on); otherwise everything stays on the
+    # current stream, as without these options.
+    if args.lockstep or args.cuda_graphs:
+        for member, stream in zip(members, member_streams(device, len(members))):
+            member.stream = stream
     boundaries = [split_at, args.epochs] if split_at is not None else [args.epochs]
     for boundary in boundaries:
-        failures = []
-        for member in members:
-            try:
-                member.train_until(boundary, progress=not args.no_progress)
-            except NonFiniteLoss as err:
-                kept = (f"its checkpoint of epoch {member.epochs_done} is kept" if member.epochs_done else
-                        "no epoch of this member completed, so it has no checkpoint")
-                failures.append(f"member seed {member.seed}: {err}; {kept}; lower --lr or --rho")
+        failures = [_failure(member, err) for member, err in _train_phase(args, members, boundary)]
         if failures:
             raise UserError(" | ".join(failures))
         if boundary == split_at:
             # Every rank enters, even one whose members are all resumed past the split, so the
             # collective inside is matched; with the split file present nobody rescored.
-            masks = compute_split(args, members, all_seeds, splits, device, rank, world_size)
+            masks = compute_split(args, members, all_seeds, splits, device, rank, world_size, score_backend)
             for member in members:
                 member.sam_mask = masks[member.position]
         barrier(world_size)
     return members
+
+
+def _train_phase(args, members, boundary):
+    """Train every member up to epoch ``boundary``: all in lockstep (``--lockstep``), else one after
+    the other, each on its own stream if it has one. Returns ``[(member, NonFiniteLoss)]`` for the
+    members that stopped on one (the others carry on)."""
+    progress = not args.no_progress
+    if any(member.stream is not None for member in members):
+        # What the members' loaders share and create on first use (the split's images on the device,
+        # the normalisation constants) is made here, on the current stream, which the member streams
+        # wait for: made on one member's stream it could be read by another's before it is there.
+        for member in members:
+            for loader in (member.train_loader, member.val_loader):
+                next(iter(loader), None)
+    if args.lockstep:
+        results = run_in_lockstep([member.training(boundary, progress) for member in members],
+                                  [member.stream for member in members], catch=NonFiniteLoss)
+        return [(member, err) for member, (_, err) in zip(members, results) if err is not None]
+    stopped = []
+    for member in members:
+        try:
+            member.train_until(boundary, progress=progress)
+        except NonFiniteLoss as err:
+            stopped.append((member, err))
+    return stopped
+
+
+def _failure(member, err):
+    kept = (f"its checkpoint of epoch {member.epochs_done} is kept" if member.epochs_done else
+            "no epoch of this member completed, so it has no checkpoint")
+    return f"member seed {member.seed}: {err}; {kept}; lower --lr or --rho"

@@ -1,1 +1,2 @@
-"""Shared helpers: errors, devices, arguments, checkpoints, the training and measurement engines."""
+"""Shared helpers: errors, devices, arguments, checkpoints, the run folder (its layout and checks, read by
+training, the measure scripts and the benchmarks alike), distributed processes."""

@@ -1,6 +1,8 @@
 """Argument groups shared by the entry scripts, so every script spells a flag the same way."""
 import argparse
 
+from utils.device import CUDNN_SETTINGS, DEFAULT_CUDNN, cudnn_help
+
 DATASET_CHOICES = ("cifar10", "cifar100", "tiny_imgnet", "digits")
 
 
@@ -48,7 +50,8 @@ def add_data_args(parser, flag="--data"):
                        help="Tiny-ImageNet validation: holdout = 10%% of train (paper); "
                             "official = the official val folder, also the test set (release)")
     group.add_argument("--num-workers", dest="num_workers", type=int, default=0,
-                       help="data-loading worker processes (0 = load in the main process)")
+                       help="accepted for compatibility with the released commands; has no effect "
+                            "(images are served from memory, no loader processes)")
     return group
 
 
@@ -67,6 +70,8 @@ def add_model_args(parser):
 def add_device_args(parser):
     group = parser.add_argument_group("device")
     group.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    group.add_argument("--cudnn", default=DEFAULT_CUDNN, choices=tuple(CUDNN_SETTINGS),
+                       help="how cuDNN picks convolution algorithms (GPU): " + cudnn_help().replace("%", "%%"))
     return group
 
 

@@ -43,7 +43,11 @@ def _write_failure(path, err):
 
 
 def atomic_write(path, write, mode="wb"):
-    """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    The one atomic writer of the project (checkpoints, args.json, the measure results, logits,
+    digits-C): ``f`` is opened with ``mode``, binary by default; pass ``mode="w"`` to write text.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     tmp_path = None
     try:

@@ -36,7 +36,7 @@ def collective_backend(device_type, local_world_size, gpus):
     """``nccl`` when every rank of the node has a GPU of its own, else ``gloo``.
 
     NCCL refuses two ranks on one GPU ("duplicate GPU"), which is what several members sharing one
-    GPU means; gloo works there, and the one collective of a run (the score exchange at the split)
+    GPU means; gloo works there, and the one collective of a run (the score exchange at the partition)
     then goes through host memory, which costs nothing measurable next to the training.
     """
     if device_type == "cuda" and local_world_size <= gpus:
@@ -76,7 +76,7 @@ def gather_member_rows(rows, num_members, length, world_size, device):
     ``rows`` maps member position -> 1-D tensor of ``length`` values for the members this rank owns
     (possibly none, when there are more ranks than members). Every rank sends a
     full (M, N) tensor with its rows filled; after ``all_gather`` row m is taken from its owner, so
-    every rank ends with identical bytes and computes the identical split.
+    every rank ends with identical bytes and computes the identical partition.
     """
     local = torch.zeros(num_members, length, dtype=torch.float32)
     for member, values in rows.items():

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run one measure_*.py script on one trained ensemble: scripts/measure/_measure.sh SCRIPT DEFAULT_MODES [flags...]
 # Called by scripts/measure/measure_*.sh, which document the environment variables. Each mode writes
-# <SAVE>/<mode>.json and .csv; the step is skipped when every mode's JSON exists and is newer than the
-# run's checkpoints (FORCE=1 measures again). An interrupted measurement left <SAVE>/<mode>.partial.json:
+# <SAVE>/<mode>.json and .csv; with --skip_finished the script skips a mode whose JSON was measured with
+# the same arguments from unchanged checkpoint and data files (FORCE=1 measures again). An interrupted
+# measurement left <SAVE>/<mode>.partial.json:
 # running the step again continues from its finished splits. An incomplete ensemble (a missing seed_<s>/
 # or a member short of its planned epochs) is refused; EXTRA=--allow_incomplete measures it anyway.
 set -euo pipefail
@@ -25,17 +26,13 @@ DEVICE="${DEVICE:-auto}"
 EXTRA="${EXTRA:-}"
 FORCE="${FORCE:-0}"
 
-read -r -a mode_array <<<"$(modes_list "$MODES")"
-if [[ "$FORCE" != 1 ]] && measurement_finished "$SAVE" "$RUN" "${mode_array[@]}"; then
-    say "skip $SCRIPT ($MODES) on $RUN: $SAVE/{$(modes_list "$MODES" | tr ' ' ',')}.json exist"
-    exit 0
-fi
 [[ -d "$RUN" ]] || die "run directory '$RUN' does not exist (train it first: scripts/train/$METHOD.sh)"
 
 read -r -a extra_array <<<"$EXTRA"
 cmd=("$PY" "$REPO/$SCRIPT" --dataset "$DATASET" --data_path "$DATA_PATH" --resume "$RUN"
      --checkpoint "$CHECKPOINT" --mode "$(modes_list "$MODES" | tr ' ' ',')" --save "$SAVE" --device "$DEVICE")
 [[ -n "$CORRUPT_PATH" ]] && cmd+=(--corrupt_path "$CORRUPT_PATH")
+[[ "$FORCE" == 1 ]] || cmd+=(--skip_finished)
 cmd+=("${extra_array[@]}" "$@")
 
 say "measure $SCRIPT ($MODES) on $RUN -> $SAVE"

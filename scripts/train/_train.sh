@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Train one ensemble with main.py: scripts/train/_train.sh METHOD [extra main.py flags...]
 # METHOD = deep_ensemble | sam | sharpbalance | sharpbalance_sharpest. Called by scripts/train/<METHOD>.sh,
-# which document the environment variables. Skips a finished run; reruns resume an unfinished one.
+# which document the environment variables. Always runs main.py, which checks the run folder against
+# the command: a finished run costs no training, an unfinished one resumes, one with other arguments
+# is refused with one line naming what differs.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
@@ -37,10 +39,6 @@ case "$METHOD" in
 esac
 
 read -r -a seed_array <<<"$SEEDS"
-if run_finished "$SAVE_PATH" "$EPOCHS" "${seed_array[@]}"; then
-    say "skip training $METHOD on $DATASET (seeds $SEEDS): finished ($EPOCHS epochs) in $SAVE_PATH"
-    exit 0
-fi
 
 if ((NGPUS > 1)); then
     # torchrun: members round-robin over the ranks; --device auto takes cuda:<local_rank>.
@@ -55,11 +53,7 @@ cmd=("${launcher[@]}" --data "$DATASET" --data_path "$DATA_PATH" --model "$MODEL
 [[ -t 1 ]] || cmd+=(--no_progress)
 cmd+=("${extra_array[@]}" "$@")
 
-if compgen -G "$SAVE_PATH/seed_*/checkpoint.pth.tar" >/dev/null; then
-    say "resume training $METHOD on $DATASET (seeds $SEEDS) in $SAVE_PATH"
-else
-    say "train $METHOD on $DATASET (seeds $SEEDS) -> $SAVE_PATH"
-fi
+say "train $METHOD on $DATASET (seeds $SEEDS) -> $SAVE_PATH (main.py resumes, or skips what is finished)"
 echo "    ${cmd[*]}"
 "${cmd[@]}"
 say "finished training $METHOD on $DATASET (seeds $SEEDS): $SAVE_PATH"

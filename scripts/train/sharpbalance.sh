@@ -10,6 +10,7 @@
 #   MODEL=resnet18  WIDTH=64  RHO=0.2  FLAT_RATIO=0.5  INITIAL_EPOCHS=epochs/2 (100 of 200)
 #   DEVICE=auto  NGPUS=1 (>1: torchrun, members spread over the GPUs)  EXTRA="" (more main.py flags)
 #   SAVE_PATH=runs/<DATASET>/sharpbalance/seeds_<SEEDS joined by _>   PYTHON=python
-# A run whose members all reached EPOCHS is skipped; an unfinished one resumes where it stopped.
+# Rerunning resumes: main.py trains nothing for a finished run, continues an unfinished one, and refuses
+# (one line naming the setting) a run in SAVE_PATH trained with other arguments.
 set -euo pipefail
 exec "$(dirname "${BASH_SOURCE[0]}")/_train.sh" sharpbalance "$@"

@@ -1,10 +1,13 @@
-"""SharpBalance data split (README: "What SharpBalance does", step 3): per-member SAM masks from the (M, N) score matrix.
+"""SharpBalance's partition (README: "What SharpBalance does", step 3): per-member SAM masks from scores.
 
-Every member j marks its K = floor(flat_ratio·N) lowest-scored samples L_j (``flattest``, released)
+The partition divides the training split, once per member, into the samples the member trains with
+SAM and those it trains with the plain loss (on disk: ``sharpbalance_split.pt``; flag: ``--split_rule``).
+Every member j selects its K = floor(flat_ratio·N) lowest-scored samples L_j (``flattest``, released)
 or highest (``sharpest``, the paper's Figure 6). Member i trains with SAM on the samples the *other*
-members marked, plus a share of the samples nobody marked, and with the plain loss on the rest. All
-functions here are pure functions of the score matrix and return boolean masks (M, N), True = SAM
-sample, so the training loop looks membership up by index and every rank computes the same split.
+members selected, plus a share of the samples nobody selected, and with the plain loss on the rest.
+All functions here are pure functions of the score matrix and return boolean masks (M, N), True =
+SAM sample, so the training loop looks membership up by index and every rank computes the same
+partition. ``--flat_ratio`` is checked here, once, for main.py and these functions alike.
 """
 import math
 
@@ -25,13 +28,14 @@ def _as_score_matrix(scores):
     if scores.ndim != 2:
         raise ValueError(f"scores must be a (members, samples) matrix, got shape {scores.shape}")
     if np.isnan(scores).any():
-        raise ValueError("scores contain NaN (a diverged member?); the split would be arbitrary")
+        raise ValueError("scores contain NaN (a diverged member?); the partition would be arbitrary")
     return scores
 
 
-def _check_ratio(flat_ratio):
-    if not 0.0 <= flat_ratio <= 1.0:
-        raise UserError(f"--flat_ratio must be in [0, 1], got {flat_ratio}")
+def check_flat_ratio(flat_ratio):
+    """``--flat_ratio`` must lie in [0, 1), as in the released code (0 = no partition)."""
+    if not 0.0 <= flat_ratio < 1.0:  # also refuses NaN
+        raise UserError(f"--flat_ratio must be in [0, 1), got {flat_ratio}")
 
 
 def _check_choice(value, choices, flag):
@@ -39,7 +43,7 @@ def _check_choice(value, choices, flag):
         raise UserError(f"{flag} must be one of {', '.join(choices)}, got '{value}'")
 
 
-def low_score_sets(scores, flat_ratio, select="flattest"):
+def selected_sets(scores, flat_ratio, select="flattest"):
     """Bool (M, N): row j marks L_j, the K = floor(flat_ratio·N) samples member j selects.
 
     ``flattest`` = the K lowest scores (the release), ``sharpest`` = the K highest (the paper's
@@ -47,7 +51,7 @@ def low_score_sets(scores, flat_ratio, select="flattest"):
     the first K positions for flattest, the last K for sharpest (as the release sliced it).
     """
     scores = _as_score_matrix(scores)
-    _check_ratio(flat_ratio)
+    check_flat_ratio(flat_ratio)
     _check_choice(select, SELECT_CHOICES, "--select")
     num_members, n = scores.shape
     k = int(math.floor(flat_ratio * n))
@@ -59,13 +63,13 @@ def low_score_sets(scores, flat_ratio, select="flattest"):
 
 
 def sam_masks(scores, flat_ratio, rule="share", select="flattest"):
-    """Bool (M, N): row i is True where member i trains with SAM (the SharpBalance split).
+    """Bool (M, N): row i is True where member i trains with SAM (SharpBalance's partition).
 
     U_{-i} = union of the other members' sets L_j; A = the samples in no L_j, in ascending index
     order; A_i = A[i::M]. ``share``: SAM_i = U_{-i} ∪ A_i. ``boost``: SAM_i = U_{-i} ∪ (A \\ A_i).
     """
     _check_choice(rule, ("share", "boost"), "--split_rule")
-    selected = low_score_sets(scores, flat_ratio, select=select)
+    selected = selected_sets(scores, flat_ratio, select=select)
     num_members, n = selected.shape
     times_selected = selected.sum(axis=0)
     unselected = times_selected == 0
@@ -87,7 +91,7 @@ def random_sam_masks(n, flat_ratio, seeds, same=False):
     floor((1 − flat_ratio)·N), drawn without replacement with ``RandomState(seeds[i])``
     (``random``) or once with ``RandomState(0)`` for every member (``same``); SAM = the rest.
     """
-    _check_ratio(flat_ratio)
+    check_flat_ratio(flat_ratio)
     seeds = list(seeds)
     num_normal = int(math.floor((1.0 - flat_ratio) * n))
     masks = np.ones((len(seeds), n), dtype=bool)
