@@ -72,20 +72,6 @@ def _load(path):
         raise UserError(f"{path} is not readable JSON ({err}); measure that ensemble again") from None
 
 
-def _dig(payload, *keys):
-    for key in keys:
-        if not isinstance(payload, dict) or key not in payload:
-            return None
-        payload = payload[key]
-    return payload
-
-
-def _number(value, scale=1.0):
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value) * scale
-    return NAN
-
-
 def result_folders(runs):
     """Every folder under ``runs`` holding a predict.json, sorted (symlinked folders are not followed,
     so an ensemble shared between two settings through a link is read once)."""
@@ -178,20 +164,20 @@ def read_ensemble(folder):
         seed_set=" ".join(map(str, seeds)), checkpoint=kind, members=len(members),
         incomplete="; ".join(map(str, predict_meta.get("incomplete_ensemble") or [])),
         measured_epochs=" ".join(str(m.get("epoch")) for m in members),
-        fisher=_number(fisher.get("mean_fisher")),
-        der_ood=_number(_dig(disagreement, *ood, "DER")),
-        disagreement_ood=_number(_dig(disagreement, *ood, "mean_disagreement")),
-        variance_ood=_number(variance.get("variance_unbias")),
-        ensemble_acc_ood=_number(_dig(predict, *ood, "ensemble_accuracy"), 100.0),
-        member_acc_ood=_number(_dig(predict, *ood, "average_individual_accuracy"), 100.0),
-        ensemble_acc_id=_number(_dig(predict, "test", "ensemble_accuracy"), 100.0),
-        member_acc_id=_number(_dig(predict, "test", "average_individual_accuracy"), 100.0),
-        disagreement_id=_number(_dig(disagreement, "test", "mean_disagreement")),
-        ensemble_nll_ood=_number(_dig(predict, *ood, "ensemble_loss")),
-        ensemble_ece_ood=_number(_dig(predict, *ood, "ensemble_ece")),
+        fisher=rp.finite_number(fisher.get("mean_fisher")),
+        der_ood=rp.finite_number(rp.dig(disagreement, *ood, "DER")),
+        disagreement_ood=rp.finite_number(rp.dig(disagreement, *ood, "mean_disagreement")),
+        variance_ood=rp.finite_number(variance.get("variance_unbias")),
+        ensemble_acc_ood=rp.finite_number(rp.dig(predict, *ood, "ensemble_accuracy"), 100.0),
+        member_acc_ood=rp.finite_number(rp.dig(predict, *ood, "average_individual_accuracy"), 100.0),
+        ensemble_acc_id=rp.finite_number(rp.dig(predict, "test", "ensemble_accuracy"), 100.0),
+        member_acc_id=rp.finite_number(rp.dig(predict, "test", "average_individual_accuracy"), 100.0),
+        disagreement_id=rp.finite_number(rp.dig(disagreement, "test", "mean_disagreement")),
+        ensemble_nll_ood=rp.finite_number(rp.dig(predict, *ood, "ensemble_loss")),
+        ensemble_ece_ood=rp.finite_number(rp.dig(predict, *ood, "ensemble_ece")),
         result_folder=folder)
     for radius in RADII:
-        row[f"sharpness_{radius}"] = _number(means.get(f"l2_{radius}"))
+        row[f"sharpness_{radius}"] = rp.finite_number(means.get(f"l2_{radius}"))
     row["gain_ood"] = row["ensemble_acc_ood"] - row["member_acc_ood"]
     row["gain_id"] = row["ensemble_acc_id"] - row["member_acc_id"]
     if len(seeds) != len(members) and not row["incomplete"]:
@@ -200,20 +186,20 @@ def read_ensemble(folder):
     member_rows = []
     individual = apgd.get("individual_sharpness") or []
     fishers = fisher.get("individual_fisher") or []
-    acc_id = _dig(predict, "test", "individual_accuracy") or []
-    acc_ood = _dig(predict, *ood, "individual_accuracy") or []
+    acc_id = rp.dig(predict, "test", "individual_accuracy") or []
+    acc_ood = rp.dig(predict, *ood, "individual_accuracy") or []
     for i, member in enumerate(members):
         epoch = member.get("epoch")
         entry = dict(epochs=row["epochs"], width=row["width"], method=method, sam_rho=row["sam_rho"],
                      seed_set=row["seed_set"], checkpoint=kind, seed=member.get("seed"), measured_epoch=epoch,
                      trained_epochs=member.get("trained_epochs"), partition_epoch=split,
                      before_partition="" if split is None else ("yes" if epoch is not None and epoch <= split else "no"),
-                     fisher=_number(fishers[i]) if i < len(fishers) else NAN,
-                     acc_id=_number(acc_id[i], 100.0) if i < len(acc_id) else NAN,
-                     acc_ood=_number(acc_ood[i], 100.0) if i < len(acc_ood) else NAN)
+                     fisher=rp.finite_number(fishers[i]) if i < len(fishers) else NAN,
+                     acc_id=rp.finite_number(acc_id[i], 100.0) if i < len(acc_id) else NAN,
+                     acc_ood=rp.finite_number(acc_ood[i], 100.0) if i < len(acc_ood) else NAN)
         for radius in RADII:
-            value = _dig(individual[i], f"l2_{radius}", "sharpness") if i < len(individual) else None
-            entry[f"sharpness_{radius}"] = _number(value)
+            value = rp.dig(individual[i], f"l2_{radius}", "sharpness") if i < len(individual) else None
+            entry[f"sharpness_{radius}"] = rp.finite_number(value)
         member_rows.append(entry)
 
     shared = {"training": {key: args.get(key) for key in SHARED_TRAINING},

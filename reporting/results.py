@@ -83,7 +83,8 @@ def method_label(method):
     return METHOD_LABELS.get(method, method)
 
 
-def _dig(payload, keys):
+def dig(payload, *keys):
+    """payload[k1][k2]..., or None where a key is missing or a level is not a dict."""
     for key in keys:
         if not isinstance(payload, dict) or key not in payload:
             return None
@@ -91,7 +92,8 @@ def _dig(payload, keys):
     return payload
 
 
-def _number(value, scale=1.0):
+def finite_number(value, scale=1.0):
+    """A finite JSON number times scale, else NaN (missing, null, bool, inf)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value) * scale
     return NAN
@@ -127,11 +129,11 @@ def load_ensemble(directory, wanted_sharpness="auto", required=FILES):
     for field, (name, keys, scale) in FIELDS.items():
         if name not in payloads:
             continue
-        record[field] = _number(_dig(payloads[name], keys), scale)
+        record[field] = finite_number(dig(payloads[name], *keys), scale)
         if math.isnan(record[field]):
             missing.append(f"{os.path.join(directory, name + '.json')}: no finite value at {'/'.join(keys)}")
     if "predict" in payloads:
-        record["members"] = len(_dig(payloads["predict"], ("test", "individual_accuracy")) or []) or None
+        record["members"] = len(dig(payloads["predict"], "test", "individual_accuracy") or []) or None
     if "APGD_worst" in payloads:
         means = payloads["APGD_worst"].get("mean_sharpness") or {}
         key = chosen_apgd_setting(means.keys(), wanted_sharpness)
@@ -139,7 +141,7 @@ def load_ensemble(directory, wanted_sharpness="auto", required=FILES):
             missing.append(f"{os.path.join(directory, 'APGD_worst.json')}: no sharpness setting "
                            f"'{wanted_sharpness}' (has {', '.join(means) or 'none'})")
         else:
-            record["sharpness"] = _number(means.get(key))
+            record["sharpness"] = finite_number(means.get(key))
             record["sharpness_setting"] = key
     return record, missing
 
