@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,10 +116,21 @@ def settings_block(settings):
     return "\n".join(lines)
 
 
-def control_block(control_results, chosen):
+def measured_epochs(members, epochs, width, method, rho=None):
+    """'median (min–max)' of the epochs of the model_best checkpoints measured for one method and setting."""
+    found = sorted(m["measured_epoch"] for m in members
+                   if (m["epochs"], m["width"], m["method"], m["checkpoint"]) == (epochs, width, method, "best")
+                   and (rho is None or m["sam_rho"] == rho) and m["measured_epoch"] is not None)
+    if not found:
+        return "—"
+    return f"{statistics.median(found):g} ({found[0]}–{found[-1]})"
+
+
+def control_block(control_results, chosen, members=()):
     head = ["| epochs | width | SAM ρ | n | worst case, radius 0.05: SAM / DE [95% CI] | k | p | Fisher trace: "
-            "SAM / DE [95% CI] | k | p | radius 0.5 (not in the criterion) [95% CI] | k | passes |",
-            "| ---: | ---: | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: | --- | ---: | --- |"]
+            "SAM / DE [95% CI] | k | p | radius 0.5 (not in the criterion) [95% CI] | k | passes | "
+            "epoch measured, DE / SAM |",
+            "| ---: | ---: | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: | --- | ---: | --- | --- |"]
     lines = list(head)
     for c in control_results:
         worst, fisher, release = c["comparisons"]
@@ -127,12 +139,15 @@ def control_block(control_results, chosen):
             passes += " (chosen)"
         lines.append(f"| {c['epochs']} | {c['width']} | {c['rho']:g} | {worst['n']} | {fmt_estimate(worst)} | "
                      f"{direction(worst)} | {fmt_p(worst['p'])} | {fmt_estimate(fisher)} | {direction(fisher)} | "
-                     f"{fmt_p(fisher['p'])} | {fmt_estimate(release)} | {direction(release)} | {passes} |")
+                     f"{fmt_p(fisher['p'])} | {fmt_estimate(release)} | {direction(release)} | {passes} | "
+                     f"{measured_epochs(members, c['epochs'], c['width'], 'deep_ensemble')} / "
+                     f"{measured_epochs(members, c['epochs'], c['width'], 'sam', c['rho'])} |")
     if not control_results:
-        lines.append("| (no Deep Ensemble and DE + SAM pair found) |" + " |" * 12)
+        lines.append("| (no Deep Ensemble and DE + SAM pair found) |" + " |" * 13)
     lines += ["", "Ratios are geometric means over the seed sets of SAM / DE per seed set, as a change: −30% = SAM "
               "members 30% flatter. k = seed sets with SAM flatter. p = exact two-sided sign-flip p. A setting "
-              "passes when both criterion intervals lie below 0%."]
+              "passes when both criterion intervals lie below 0%. Epoch measured: median (range) over the members "
+              "of the epoch of the model_best checkpoint (best validation accuracy) that was measured."]
     return "\n".join(lines)
 
 
@@ -255,7 +270,7 @@ def render(evidence_dir, min_seed_sets=claims.MIN_SEED_SETS, draws=claims.BOOTST
     with open(path) as f:
         settings = json.load(f)
     analysis = analyse(ensembles, members, min_seed_sets, draws)
-    blocks = {"settings": settings_block(settings), "control": control_block(analysis["control"], analysis["chosen"])}
+    blocks = {"settings": settings_block(settings), "control": control_block(analysis["control"], analysis["chosen"], members)}
     primary = analysis["primary"]
     if primary is None:
         missing = f"Not run: {analysis['reason']}."

@@ -361,6 +361,12 @@ def test_report_decides_and_writes_from_evidence_files(tmp_path, capsys):
     tables = open(tmp_path / "report" / "claims_tables.md").read()
     assert "| 20 | 8 | 0.2 | 12 |" in tables and "**yes** (chosen)" in tables
     assert "SharpBalance: 12 of 12 members measured at or before the partition" in tables
+    assert "| **yes** (chosen) | 10 (10–10) / 10 (10–10) |" in tables
+    # the epoch column: median and range, worked by hand for five members of one method
+    odd = [dict(m, measured_epoch=e) for m, e in zip((m for m in members if m["method"] == "sam"), (4, 9, 7, 20, 11))]
+    assert claims_report.measured_epochs(odd, 20, 8, "sam", 0.2) == "9 (4–20)"
+    assert claims_report.measured_epochs(odd[:4], 20, 8, "sam", 0.2) == "8 (4–20)"
+    assert claims_report.measured_epochs(odd, 20, 8, "sam", 0.05) == "—"
     for name in ("claims_primary.png", "claims_control.png"):
         assert os.path.getsize(tmp_path / "report" / name) > 10_000
     flat = [dict(r, fisher=60.0) if r["method"] == "sam" else r for r in rows]  # SAM no flatter by Fisher
