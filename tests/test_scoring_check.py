@@ -14,7 +14,7 @@ import torch.nn as nn
 import main as main_script
 import training.scores
 from models import create_model
-from tests.test_sharpbalance import WeightUsedOutsideForward, loader_over, reference_scores, with_running_statistics
+from tests.test_scores import WeightUsedOutsideForward, loader_over, reference_scores, with_running_statistics
 from training.scores import FP32_RTOL, TF32_RTOL, check_score_backend, squared_grad_norms, tf32_in_effect
 
 
