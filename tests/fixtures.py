@@ -160,6 +160,8 @@ TINY = ["--width", "4", "--device", "cpu", "--no_progress", "--batch_size", "64"
 # 0, random subsets (no scoring). conftest.finished_sb_run trains it once per test process.
 SB = ["--data", "digits", "--seed", "13", "17", "--epochs", "1", "--sam", "True", "--flat_ratio", "0.5",
       "--initial_epochs", "-1", "--train_subset", "random"] + TINY
+# A two-epoch deep ensemble of one member.
+DE = ["--data", "digits", "--seed", "13", "--epochs", "2"] + TINY
 # Processes whose numbers are compared run with one thread each: the same numbers whatever else runs
 # on the machine, and none of the torch settings other tests changed in the test process.
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
@@ -187,6 +189,11 @@ def files(folder):
     """{relative path: bytes} of every file under ``folder``."""
     return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), "rb").read()
             for d, _, names in os.walk(folder) for n in names}
+
+
+def load_saved(path):
+    """What torch.save wrote to ``path`` (memory-mapped: tensors are read when used)."""
+    return torch.load(path, weights_only=True, mmap=True)
 
 
 def checkpoint_weights(path):
@@ -260,3 +267,21 @@ def random_batches(n_batches=3, size=5, seed=1, shape=(3, 6, 6), classes=3):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn((size,) + shape, generator=g), torch.randint(0, classes, (size,), generator=g))
             for _ in range(n_batches)]
+
+
+def random_image_dataset(n, size=12, classes=10, seed=0, augment=True):
+    """An ImageArrayDataset of ``n`` random uint8 images (size x size, RGB) over ``classes`` labels."""
+    from data.arrays import ImageArrayDataset
+    rng = np.random.RandomState(seed)
+    images = rng.randint(0, 256, (n, size, size, 3)).astype(np.uint8)
+    labels = rng.randint(0, classes, len(images))
+    return ImageArrayDataset(images, labels, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), augment=augment)
+
+
+def resnet_sam_member():
+    """(ResNet18 of width 4 over 10 classes, its SAM optimizer), the same weights on every call."""
+    from models import create_model
+    from training.sam import SAM
+    torch.manual_seed(0)
+    model = create_model("resnet18", 10, width=4)
+    return model, SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9, weight_decay=5e-4)
