@@ -17,8 +17,6 @@ import measure_sharpness
 from utils.device import CUBLAS_WORKSPACE_ENV, apply_cudnn, select_device
 from utils.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 # Written out here, apart from utils/device.py: (cudnn.benchmark, cudnn.deterministic,
 # torch.use_deterministic_algorithms). "released" is what the authors' main.py set; "torch" is what a
 # fresh process has (checked against one below).

@@ -14,7 +14,7 @@ import unicodedata
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.fixtures import ROOT
 README_MAX_LINES = 300
 
 FENCE = re.compile(r"^\s*(```|~~~)")

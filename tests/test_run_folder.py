@@ -142,7 +142,7 @@ def test_invalid_args_json_is_one_line_for_training_and_measuring(run, tmp_path,
     assert files(run) == before
 
 
-def test_invalid_args_json_from_the_command_line(run, tmp_path):
+def test_an_invalid_args_json_is_one_line_from_the_command_line(run, tmp_path):
     (run / "args.json").write_text("{")
     line = error_line(run_python(["main.py"] + SB + ["--data_path", str(tmp_path / "ds"), "--save_path", str(run)]))
     assert f"'{run}/args.json' cannot be read as JSON" in line and not (run / ".lock").exists()
@@ -212,7 +212,7 @@ def test_lock_without_a_pid_is_one_line_and_kept(run, tmp_path, text):
     assert files(run) == before
 
 
-def test_lock_without_a_pid_from_the_command_line(run, tmp_path):
+def test_a_lock_without_a_pid_is_one_line_from_the_command_line(run, tmp_path):
     (run / ".lock").write_text("{}")
     line = error_line(run_python(["main.py"] + SB + ["--data_path", str(tmp_path / "ds"), "--save_path", str(run)]))
     assert "names no pid" in line
