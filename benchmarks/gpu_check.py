@@ -1,8 +1,9 @@
 """The parts of benchmarks/gpu_check.sh: smoke run, the project's throughput under every setting,
-the bare reference step, members sharing a GPU, projections and goals.
+the bare reference step, members sharing a GPU, graph-captured steps and lockstep members,
+projections and goals.
 
-    python benchmarks/gpu_check.py smoke      --device cuda --out results/gpu_check --budget 80
-    python benchmarks/gpu_check.py throughput --device cuda --out results/gpu_check --budget 85
+    python benchmarks/gpu_check.py smoke      --device cuda --out results/gpu_check --budget 78
+    python benchmarks/gpu_check.py throughput --device cuda --out results/gpu_check --budget 77
     python benchmarks/gpu_check.py projection --out results/gpu_check
 
 Each part prints as it goes and writes its section of <out>/summary.json (a row that fails prints
@@ -13,28 +14,36 @@ deleted. ``--quick`` runs the same code on toy sizes (tests/test_gpu_check.py ru
 smoke       main.py on digits for the three methods (lr 0.01; SharpBalance split before the first
             epoch, so both devices score the same initial weights) on --device and on the CPU, the
             three measure scripts, agreement (identical split masks, final losses within
-            SMOKE_LOSS_TOLERANCE), repeatability (a run killed after its first checkpoint and resumed
-            against a straight run, bit for bit, under --cudnn deterministic and the default), the
-            fast-path flags, bad input, then torchrun with 3 ranks on one device with what is left.
-            TF32 is off in this process so that the agreement compares fp32 with fp32.
+            SMOKE_LOSS_TOLERANCE), the fast-path flags, SharpBalance with --cuda_graphs, --lockstep
+            and both (+ bf16 + channels_last) against the CPU run and with --score_backend hooks,
+            the graph-captured steps against the eager ones (graph_equality), repeatability (a run
+            killed after its first checkpoint and resumed against a straight run, bit for bit,
+            under --cudnn deterministic and the default), bad input, then torchrun with 3 ranks on
+            one device with what is left. TF32 is off in this process so that the agreement
+            compares fp32 with fp32.
 throughput  the project's rows (PROJECT_ROWS) of this part, each ResNet18 width 64 on 45,000 synthetic
 cudnn       32x32 images resident on the device, batch 128: the SGD, SAM and mixed (f = 0.8) steps
-compile     timed over an epoch (see measure_epoch), scoring (func, hooks) and evaluation; peak memory.
-            ``cudnn`` holds the --cudnn settings whose cached cuDNN plans would collide with the
-            default's, ``compile`` the torch.compile row (not in the default run: compiling takes
-            minutes). throughput also times SGD on Tiny-ImageNet-shaped images for the cost ratio.
+graphs      timed over an epoch (see measure_epoch), scoring (func, hooks) and evaluation; peak memory.
+compile     ``cudnn`` holds the --cudnn settings whose cached cuDNN plans would collide with the
+            default's; ``graphs`` the --cuda_graphs rows, one member and three members in lockstep
+            (a process of their own: a CUDA error inside a capture can leave the process's CUDA
+            context unusable); ``compile`` the torch.compile row (not in the default run: compiling
+            takes minutes). throughput also times SGD on Tiny-ImageNet-shaped images for the cost
+            ratio.
 reference   the bare step (bare_step.py) in a CUDA graph: one member and three on three streams,
             bf16 + channels_last and fp32 (TF32), and the bf16 compute ceiling at batch 1024.
 shared      three members training at once on the device (three processes, started together phase by
             phase): aggregate images/s and peak memory per process, fp32 and bf16 + channels_last.
 projection  wall time of a 200-epoch 3-member run per method on CIFAR-10, CIFAR-100 and Tiny-ImageNet
             and of the whole Figure 7 (27 runs) for every project row; the --cudnn settings side by
-            side; the project against the reference per phase; the goals.
+            side; the project against the reference per phase; three members on one GPU (streams,
+            processes, lockstep); the goals.
 """
 import argparse
 import contextlib
 import csv
 import functools
+import gc
 import io
 import json
 import math
@@ -55,7 +64,7 @@ import torch  # noqa: E402
 
 from training.accel import COMPILE_BACKEND_ENV  # noqa: E402
 from utils import run_folder  # noqa: E402
-from utils.device import apply_cudnn  # noqa: E402
+from utils.device import CUBLAS_WORKSPACE_ENV, apply_cudnn  # noqa: E402
 
 # Relative. Two devices round differently and digits runs separate chaotically (ReLU inputs at zero on
 # the uniform background flip): with --lr 0.01, 2 epochs, width 8, a pure rounding change on one CPU
@@ -66,21 +75,24 @@ MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 TRAIN_PHASES = ("sgd", "sam", "mixed")
 ALL_PHASES = TRAIN_PHASES + ("score_func", "score_hooks", "eval")
 # cold_cap / warm_cap: seconds of the two passes of measure_epoch per phase (a row with whole_epoch
-# gets whole_epoch_cap for the mixed step's first pass); max_cold_steps cuts the first pass by steps
-# (the quick run, so that the tests meet an extrapolated epoch); min_warm_steps: the second pass's
-# least number of steps. warm_steps / timed_steps: the fixed-step rows (tiny, shared).
+# gets whole_epoch_cap for the mixed step's first pass; a row's cap_scale scales both); max_cold_steps
+# cuts the first pass by steps (the quick run, so that the tests meet an extrapolated epoch);
+# min_warm_steps: the second pass's least number of steps. warm_steps / timed_steps: the fixed-step
+# rows (tiny, shared). graph_equality_steps: how often graph_equality repeats its two batches per
+# kind of step. smoke_graph_runs: which of GRAPH_SMOKE_RUNS the smoke trains (the quick run trains
+# --lockstep alone, bit for bit the eager run on a CPU; the others go through the same lines).
 FULL = dict(smoke_width=8, smoke_epochs=2, smoke_seeds=["13", "17", "27"], smoke_batch=128, sharpness_batches=10,
             images=45000, width=64, batch=128, mixed_fraction=0.8, score_images=1024, eval_images=10000,
             cold_cap=dict(sgd=1.2, sam=2.5, mixed=7.0), warm_cap=dict(sgd=0.8, sam=1.5, mixed=4.0),
-            whole_epoch_cap=16.0, max_cold_steps=None, min_warm_steps=30, warm_steps=5, timed_steps=40,
+            whole_epoch_cap=16.0, max_cold_steps=None, min_warm_steps=30, warm_steps=5, timed_steps=30,
             tiny_images=2000, tiny_steps=15, reference_warm=3, reference_timed=40, ceiling_batch=1024,
-            repeat_settings=2)
+            repeat_settings=2, graph_equality_steps=2, smoke_graph_runs=(0, 1, 2))
 QUICK = dict(smoke_width=2, smoke_epochs=1, smoke_seeds=["13", "17"], smoke_batch=512, sharpness_batches=1,
-             images=256, width=2, batch=32, mixed_fraction=0.8, score_images=16, eval_images=32,
+             images=128, width=2, batch=16, mixed_fraction=0.8, score_images=16, eval_images=32,
              cold_cap=dict(sgd=60.0, sam=60.0, mixed=60.0), warm_cap=dict(sgd=60.0, sam=60.0, mixed=60.0),
              whole_epoch_cap=60.0, max_cold_steps=5, min_warm_steps=6, warm_steps=1, timed_steps=2,
              tiny_images=64, tiny_steps=1, reference_warm=1, reference_timed=2, ceiling_batch=64,
-             repeat_settings=1)
+             repeat_settings=1, graph_equality_steps=1, smoke_graph_runs=(1,))
 # One H200, the figures of this run (minutes and hours of wall time; ratios of img/s).
 GOALS = {"mixed_over_sam": 1.0, "fast_over_reference": 0.8, "cifar10_sharpbalance_faithful_min": 60.0,
          "cifar10_sharpbalance_fast_min": 20.0, "figure7_fast_h": 12.0}
@@ -98,6 +110,9 @@ class Row:
     reference  the bare reference row (REFERENCE_ROWS) to compare it with, per phase.
     shared_as  the shared part's row whose gain from three processes applies to it.
     whole_epoch  its mixed step's first pass may take a whole epoch (whole_epoch_cap).
+    members    members trained side by side in one process (``--lockstep``: one CUDA stream each);
+               its figures are the members' aggregate.
+    cap_scale  scales the time caps of its epoch passes (the budget of its part).
     """
     label: str
     flags: tuple = ()
@@ -108,22 +123,39 @@ class Row:
     reference: str = None
     shared_as: str = None
     whole_epoch: bool = False
+    members: int = 1
+    cap_scale: float = 1.0
+
+    @property
+    def graphs(self):
+        """Whether its steps are graph-captured: its one-time costs are then per member and key."""
+        return "--cuda_graphs" in self.flags
 
 
+FAST_FLAGS = ("--amp", "bf16", "--channels_last")
 # The project's settings, one line each; the projection covers every row measured. A new setting
-# (say a main.py flag for CUDA-graph steps) is one more line with its flags. Rows of one part run in
-# one process, in this order: cuDNN keeps the plans it chose per shape in a process-wide cache keyed
-# by shape, dtype, memory format and the deterministic flag but not the benchmark flag, so the
-# settings that differ from another only by benchmarking (torch vs benchmark, released vs
-# deterministic) must not share a process: they are split between throughput and cudnn.
+# is one more line with its flags. Rows of one part run in one process, in this order: cuDNN keeps
+# the plans it chose per shape in a process-wide cache keyed by shape, dtype, memory format and the
+# deterministic flag but not the benchmark flag, so the settings that differ from another only by
+# benchmarking (torch vs benchmark, released vs deterministic) must not share a process: they are
+# split between throughput and cudnn. The graph rows have a process of their own (graphs), after the
+# others: a failed capture can leave a CUDA error behind that every later kernel of the process meets.
 PROJECT_ROWS = (
     Row("fp32", (), whole_epoch=True, reference="fp32 (TF32) graph", shared_as="fp32"),  # main.py's defaults
-    Row("bf16+channels_last", ("--amp", "bf16", "--channels_last"), kind="fast",
-        reference="bf16+channels_last graph", shared_as="bf16+channels_last"),
+    Row("bf16+channels_last", FAST_FLAGS, kind="fast", reference="bf16+channels_last graph",
+        shared_as="bf16+channels_last"),
     Row("fp32 cudnn=deterministic", ("--cudnn", "deterministic"), phases=TRAIN_PHASES, borrow="fp32"),
-    Row("fp32 cudnn=torch", ("--cudnn", "torch"), part="cudnn", phases=TRAIN_PHASES, borrow="fp32"),
-    Row("fp32 cudnn=released", ("--cudnn", "released"), part="cudnn", phases=TRAIN_PHASES, borrow="fp32"),
-    Row("bf16+channels_last+compile", ("--amp", "bf16", "--channels_last", "--compile"), part="compile",
+    Row("fp32 cudnn=torch", ("--cudnn", "torch"), part="cudnn", phases=TRAIN_PHASES, borrow="fp32", cap_scale=0.7),
+    Row("fp32 cudnn=released", ("--cudnn", "released"), part="cudnn", phases=TRAIN_PHASES, borrow="fp32",
+        cap_scale=0.7),
+    # The fast path with graph-captured steps, one member, then three members in lockstep (one CUDA
+    # stream each, one process); scoring and evaluation are not captured: borrowed.
+    Row("bf16+channels_last+graphs", FAST_FLAGS + ("--cuda_graphs",), part="graphs", kind="fast",
+        phases=TRAIN_PHASES, borrow="bf16+channels_last", reference="bf16+channels_last graph", cap_scale=0.4),
+    Row("bf16+channels_last+graphs+lockstep", FAST_FLAGS + ("--cuda_graphs", "--lockstep"), part="graphs",
+        kind="fast", phases=TRAIN_PHASES, borrow="bf16+channels_last",
+        reference="bf16+channels_last graph, 3 members on 3 streams", members=3, cap_scale=0.4),
+    Row("bf16+channels_last+compile", FAST_FLAGS + ("--compile",), part="compile",
         kind="fast", phases=TRAIN_PHASES + ("eval",), borrow="bf16+channels_last",
         reference="bf16+channels_last graph", shared_as="bf16+channels_last"),
 )
@@ -368,6 +400,136 @@ def repeatability(flags, out, settings, timeout):
     return found
 
 
+# The smoke part's runs with the options that change how steps are queued, not what they compute:
+# SharpBalance on the device against the CPU run (same split masks, losses within
+# SMOKE_LOSS_TOLERANCE) and against the device's eager run of the same precision.
+GRAPH_SMOKE_RUNS = (("--cuda_graphs",), ("--lockstep",), ("--cuda_graphs", "--lockstep") + FAST_FLAGS)
+# SharpBalance with the per-layer hooks scoring a fast-path model (plain fp32 copy): no traceback.
+HOOKS_SMOKE_FLAGS = FAST_FLAGS + ("--score_backend", "hooks")
+# What training/graphs.py prints when a capture fails (every later step of that member is eager).
+CAPTURE_FAILED = "warning: --cuda_graphs: capturing"
+# graph_equality's settings: fp32 and the fast path, each under --cudnn deterministic (added there).
+EQUALITY_SETTINGS = ((), FAST_FLAGS)
+
+
+def device_flags(flags, device):
+    """``flags`` as main.py accepts them on ``device``: --channels_last is a GPU option (main.py
+    refuses it on a CPU, training.accel.cpu_unsafe_flag), so a CPU run goes without it."""
+    return tuple(f for f in flags if device.type == "cuda" or f != "--channels_last")
+
+
+def agreement(run_a, run_b, seeds):
+    """How two SharpBalance (or other) run folders agree: split masks (entries differing) and scores
+    (largest relative difference) where both have a split, and the largest relative difference of
+    the members' final train and validation losses."""
+    entry = {}
+    splits = [os.path.join(r, run_folder.SPLIT_NAME) for r in (run_a, run_b)]
+    if all(os.path.isfile(p) for p in splits):
+        masks = [run_folder.read_split(r) for r in (run_a, run_b)]
+        scores = [m["scores"].double() for m in masks]
+        entry["mask_entries"] = masks[0]["sam_masks"].numel()
+        entry["mask_entries_differing"] = int((masks[0]["sam_masks"] != masks[1]["sam_masks"]).sum())
+        entry["scores_max_rel_diff"] = float(((scores[0] - scores[1]).abs() / scores[1].abs().clamp_min(1e-30)).max())
+    rows = [last_log_rows(r, seeds) for r in (run_a, run_b)]
+    entry["final_loss_max_rel_diff"] = max(abs(float(rows[0][seed][key]) / float(rows[1][seed][key]) - 1)
+                                           for seed in seeds for key in ("train_loss", "val_loss"))
+    return entry
+
+
+def log_lines(path, prefix):
+    """The lines of a run's log that start with ``prefix``."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [line.rstrip("\n") for line in f if line.startswith(prefix)]
+
+
+def graph_equality(cfg, device, flags, repeats):
+    """The graph-captured steps (training.graphs.StepGraphs) against the eager ones
+    (training.steps.sgd_step / mixed_step) on the same batches, from the same weights.
+
+    Two members of ``flags`` (main.py's, with --cudnn deterministic so that both sides pick the same
+    cuDNN algorithms), TF32 as the caller left it. Two batches and two masks with the same number
+    of SAM rows (one key, two row orders) take turns ``repeats`` times per kind of step (SGD, SAM,
+    the mixed step), so every key runs eagerly once, is captured once and replayed; then lr drops
+    tenfold as at a milestone (every graph dropped) and the mixed step runs twice more (captured
+    again, replayed). The graph side runs on a stream of its own, as a member does in main.py. Loss
+    sums per step, weights and buffers (BatchNorm statistics) and momentum buffers are compared with
+    ``torch.testing.assert_close``'s default tolerances; raises AssertionError naming the first that
+    differs beyond them, or when no step was replayed. Returns the figures. The process's algorithm
+    flags and cuBLAS's workspace variable are as before afterwards (the smoke's later runs start
+    processes that inherit the environment)."""
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             os.environ.get(CUBLAS_WORKSPACE_ENV))
+    try:
+        return _graph_equality(cfg, device, flags, repeats)
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[:2]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+        if saved[4] is None:
+            os.environ.pop(CUBLAS_WORKSPACE_ENV, None)
+        else:
+            os.environ[CUBLAS_WORKSPACE_ENV] = saved[4]
+
+
+def _graph_equality(cfg, device, flags, repeats):
+    from training.graphs import StepGraphs
+    from training.lockstep import member_streams
+    from training.steps import base_optimizer, mixed_step, sgd_step
+    args = row_arguments(("--cudnn", "deterministic") + tuple(flags), cfg)
+    apply_cudnn(args.cudnn)
+    eager, graphed = (build_member(args, device) for _ in range(2))
+    graphs = StepGraphs(graphed[1], graphed[2], device, freeze_bn_on_perturbed=args.freeze_bn_on_perturbed)
+    stream = member_streams(device, 1)[0]
+    batch = args.batch_size
+    generator = torch.Generator().manual_seed(1)
+    images = [torch.randn(batch, 3, 32, 32, generator=generator).to(device) for _ in range(2)]
+    targets = [torch.randint(0, 10, (batch,), generator=generator).to(device) for _ in range(2)]
+    order, count = torch.randperm(batch, generator=generator).numpy(), round(cfg["mixed_fraction"] * batch)
+    masks = [np.zeros(batch, dtype=bool), np.zeros(batch, dtype=bool)]
+    masks[0][order[:count]], masks[1][order[-count:]] = True, True
+    schedule = [(kind, i % 2) for kind in ("sgd", "sam", "mixed") for i in range(2 * repeats)]
+    schedule += [("milestone", None)] + [("mixed", i) for i in range(2)]
+    schedulers = [torch.optim.lr_scheduler.MultiStepLR(base_optimizer(member[2]), milestones=[1], gamma=0.1)
+                  for member in (eager, graphed)]
+    losses = {"eager": [], "graphs": []}
+    for kind, i in schedule:
+        if kind == "milestone":
+            for scheduler in schedulers:
+                scheduler.step()
+            continue
+        mask = {"sgd": None, "sam": np.ones(batch, dtype=bool), "mixed": masks[i]}[kind]
+        _, model, optimizer = eager
+        out = (sgd_step(model, optimizer, images[i], targets[i]) if mask is None
+               else mixed_step(model, optimizer, images[i], targets[i], mask))
+        losses["eager"].append(out[0].clone())
+        with on_stream(stream):
+            out = graphs.sgd_step(images[i], targets[i]) if mask is None else graphs.mixed_step(images[i], targets[i],
+                                                                                                   mask)
+            losses["graphs"].append(out[0].clone())  # a replay's outputs live until the next replay
+    synchronize(device)
+    if graphs.counts["replayed"] == 0:
+        raise AssertionError(f"no step was replayed (counts {graphs.counts})")
+    pairs = [("loss sums", torch.stack(losses["eager"]), torch.stack(losses["graphs"]))]
+    states = [member[1].state_dict() for member in (eager, graphed)]
+    pairs += [(f"'{key}'", states[0][key], states[1][key]) for key in states[0]]
+    momenta = [[base_optimizer(member[2]).state[p]["momentum_buffer"] for p in member[1].parameters()]
+               for member in (eager, graphed)]
+    pairs += [("momentum buffers", torch.cat([m.flatten() for m in momenta[0]]),
+               torch.cat([m.flatten() for m in momenta[1]]))]
+    worst = max(float((a.double() - b.double()).abs().max()) for _, a, b in pairs)
+    for name, a, b in pairs:
+        try:
+            torch.testing.assert_close(b, a)
+        except AssertionError:
+            difference = float((a.double() - b.double()).abs().max())
+            raise AssertionError(f"{name} differ by up to {difference:.3g}, beyond assert_close's default "
+                                 f"tolerances (counts {graphs.counts})") from None
+    return {"steps": len(losses["eager"]), "counts": dict(graphs.counts), "identical": worst == 0.0,
+            "max_abs_difference": worst, "compared": len(pairs)}
+
+
 def smoke(args, cfg, device):
     import main as main_script
     import measure_diversity
@@ -387,14 +549,17 @@ def smoke(args, cfg, device):
               str(cfg["smoke_epochs"]), "--batch_size", str(cfg["smoke_batch"]), "--no_progress",
               "--seed", *cfg["smoke_seeds"]]
     result = {"device": str(device), "runs": {}, "agreement": {}, "measure": {}, "repeatability": {},
-              "fast_path": {}, "bad_input": {}}
+              "fast_path": {}, "graphs": {}, "hooks": {}, "graph_equality": {}, "bad_input": {}}
+
+    def log_of(tag, method):
+        return os.path.join(out, "logs", f"{tag}_{method}.log")
 
     def train(tag, method, device_name, extra=()):
         run = os.path.join(out, tag, method)
         error, seconds = run_quietly(main_script.main, common + methods[method] + ["--device", device_name,
                                                                                    "--save_path", run, *extra],
-                                     os.path.join(out, "logs", f"{tag}_{method}.log"))
-        result["runs"][f"{tag}/{method}"] = {"error": error, "seconds": round(seconds, 1)}
+                                     log_of(tag, method))
+        result["runs"][f"{tag}/{method}"] = {"error": error, "seconds": round(seconds, 1), "flags": list(extra)}
         say(f"  main.py {method:13s} on {device_name:6s} {' '.join(extra):32s} "
             + (f"FAILED: {error}" if error else f"ok ({seconds:.1f}s)"))
         return run if error is None else None
@@ -412,31 +577,23 @@ def smoke(args, cfg, device):
         elif deadline.allows(8, f"CPU run of {method}"):
             runs[("cpu", method)] = train("cpu", method, "cpu")
 
+    def agree_with_cpu(method, a, b):
+        entry = agreement(a, b, cfg["smoke_seeds"])
+        if "mask_entries_differing" in entry:
+            differ = entry["mask_entries_differing"]
+            say(f"  split masks: {'identical' if differ == 0 else f'{differ} entries differ'} "
+                f"({entry['mask_entries']} entries); scores agree to {entry['scores_max_rel_diff']:.1e} relative")
+        entry["ok"] = (entry["final_loss_max_rel_diff"] <= SMOKE_LOSS_TOLERANCE
+                       and entry.get("mask_entries_differing", 0) == 0)
+        result["agreement"][method] = entry
+        say(f"  {method:13s} final train/val losses agree to {entry['final_loss_max_rel_diff']:.3f} relative "
+            f"(tolerance {SMOKE_LOSS_TOLERANCE}): {'ok' if entry['ok'] else 'NOT OK'}")
+
     say("agreement with the CPU:")
     for method in trained:
         a, b = runs.get(("device", method)), runs.get(("cpu", method))
-        if not a or not b:
-            continue
-        entry = {}
-        if method == "sharpbalance":
-            masks = [run_folder.read_split(r) for r in (a, b)]
-            differ = int((masks[0]["sam_masks"] != masks[1]["sam_masks"]).sum())
-            scores = [m["scores"].double() for m in masks]
-            entry["mask_entries_differing"] = differ
-            entry["scores_max_rel_diff"] = float(((scores[0] - scores[1]).abs() / scores[1].abs().clamp_min(1e-30)).max())
-            say(f"  split masks: {'identical' if differ == 0 else f'{differ} entries differ'} "
-                f"({masks[0]['sam_masks'].numel()} entries); scores agree to {entry['scores_max_rel_diff']:.1e} relative")
-        rows = [last_log_rows(r, cfg["smoke_seeds"]) for r in (a, b)]
-        worst = 0.0
-        for seed in cfg["smoke_seeds"]:
-            for key in ("train_loss", "val_loss"):
-                x, y = float(rows[0][seed][key]), float(rows[1][seed][key])
-                worst = max(worst, abs(x / y - 1))
-        entry["final_loss_max_rel_diff"] = worst
-        entry["ok"] = worst <= SMOKE_LOSS_TOLERANCE and entry.get("mask_entries_differing", 0) == 0
-        result["agreement"][method] = entry
-        say(f"  {method:13s} final train/val losses agree to {worst:.3f} relative "
-            f"(tolerance {SMOKE_LOSS_TOLERANCE}): {'ok' if entry['ok'] else 'NOT OK'}")
+        if a and b:
+            isolated(f"agreement of {method}", agree_with_cpu, method, a, b)
 
     sb = runs.get(("device", "sharpbalance"))
     if sb:
@@ -459,6 +616,87 @@ def smoke(args, cfg, device):
             result["measure"][name] = {"error": error, "seconds": round(seconds, 1)}
             say(f"  {name:27s} " + (f"FAILED: {error}" if error else f"ok ({seconds:.1f}s)"))
 
+    say("fast-path flags on the device:")
+    # main.py refuses --channels_last on a CPU (training.accel.cpu_unsafe_flag).
+    fast_runs = [device_flags(FAST_FLAGS, device)]
+    if device.type == "cuda":
+        fast_runs.append(("--amp", "fp16", "--channels_last"))
+    fast_method = "deep_ensemble" if args.quick else "sharpbalance"
+    eager_runs = {(): sb}  # the device's eager SharpBalance run per precision flags
+    for i, flags in enumerate(fast_runs):
+        if deadline.allows(6, f"main.py {' '.join(flags)}"):
+            run = train(f"fast{i}", fast_method, str(device), flags)
+            result["fast_path"][" ".join(flags)] = run is not None
+            if fast_method == "sharpbalance":
+                eager_runs[flags] = run
+
+    say(f"SharpBalance with the step options on {device}, against the CPU run (split masks, final losses within "
+        f"{SMOKE_LOSS_TOLERANCE}) and the eager run of the same precision on {device}:")
+    cpu_sb = runs.get(("cpu", "sharpbalance"))
+
+    def step_option_run(tag, flags):
+        """SharpBalance with ``flags``: against the CPU run and the device's eager run, no failed capture."""
+        run = train(tag, "sharpbalance", str(device), flags)
+        entry = result["graphs"][" ".join(flags)] = {"error": result["runs"][f"{tag}/sharpbalance"]["error"],
+                                                     "ok": False}
+        if not run:
+            return
+        entry["capture_failures"] = log_lines(log_of(tag, "sharpbalance"), CAPTURE_FAILED)
+        parts = [f"{len(entry['capture_failures'])} failed captures"]
+        if cpu_sb:
+            entry.update(agreement(run, cpu_sb, cfg["smoke_seeds"]))
+            parts.insert(0, f"split masks {'identical' if entry['mask_entries_differing'] == 0 else 'DIFFER'}, "
+                            f"losses {entry['final_loss_max_rel_diff']:.3f} from the CPU's")
+        else:
+            parts.insert(0, "no CPU run to compare with")
+        eager = eager_runs.get(tuple(f for f in flags if f not in ("--cuda_graphs", "--lockstep")))
+        if eager:
+            entry["eager_loss_max_rel_diff"] = agreement(run, eager, cfg["smoke_seeds"])["final_loss_max_rel_diff"]
+            parts.append(f"losses {entry['eager_loss_max_rel_diff']:.2g} from the eager run's")
+        entry["ok"] = (entry.get("mask_entries_differing") == 0 and not entry["capture_failures"]
+                       and entry["final_loss_max_rel_diff"] <= SMOKE_LOSS_TOLERANCE)
+        say(f"    {'; '.join(parts)}: {'ok' if entry['ok'] else 'NOT OK'}")
+        for line in entry["capture_failures"][:2]:
+            say(f"    {line}")
+
+    def hooks_run(flags):
+        """SharpBalance scoring a fast-path model with the hooks: it must end without a traceback."""
+        run = train("hooks", "sharpbalance", str(device), flags)
+        with open(log_of("hooks", "sharpbalance")) as f:
+            text = f.read()
+        entry = result["hooks"] = {"flags": list(flags), "error": result["runs"]["hooks/sharpbalance"]["error"],
+                                   "traceback": "Traceback" in text,
+                                   "fallbacks": [line for line in text.splitlines()
+                                                 if line.startswith("warning: --score_backend")]}
+        entry["ok"] = run is not None and not entry["traceback"]
+        say(f"    {'no traceback' if entry['ok'] else 'FAILED'}; the hooks fell back to torch.func "
+            f"{len(entry['fallbacks'])} times (a warning line each)")
+
+    for i in cfg["smoke_graph_runs"]:
+        flags = device_flags(GRAPH_SMOKE_RUNS[i], device)
+        if deadline.allows(6, "main.py " + " ".join(flags)):
+            isolated("main.py " + " ".join(flags), step_option_run, f"graphs{i}", flags)
+    hooks_flags = device_flags(HOOKS_SMOKE_FLAGS, device)
+    if deadline.allows(6, "main.py " + " ".join(hooks_flags)):
+        isolated("main.py " + " ".join(hooks_flags), hooks_run, hooks_flags)
+
+    say("graph-captured steps against the eager steps (same batches and weights, --cudnn deterministic, TF32 off):")
+    for flags in EQUALITY_SETTINGS:
+        flags = device_flags(flags, device)
+        label = " ".join(flags) or "fp32"
+        if not deadline.allows(4, f"graph equality, {label}"):
+            continue
+        got, error = isolated(f"graph equality, {label}", graph_equality, cfg, device, flags,
+                              cfg["graph_equality_steps"])
+        result["graph_equality"][label] = got or {"error": error}
+        if got:
+            same = ("bit-identical" if got["identical"] else
+                    f"within assert_close's default tolerances (largest difference {got['max_abs_difference']:.2g})")
+            counts = ", ".join(f"{n} {k}" for k, n in got["counts"].items())
+            how = "CUDA graphs" if device.type == "cuda" else "CPU stand-in, no capture"
+            say(f"  {label:28s} {got['steps']} steps ({counts}; {how}): loss sums, weights, BatchNorm statistics, "
+                f"momentum buffers {same}")
+
     # --cudnn deterministic promises bit-reproducible runs and resumes; the default is reported.
     settings = ("deterministic", "benchmark")[:cfg["repeat_settings"]]
     if deadline.allows(20, "repeatability"):
@@ -471,15 +709,7 @@ def smoke(args, cfg, device):
             result["repeatability"][setting] = entry
             say(f"  --cudnn {setting:13s} {verdict}")
 
-    say("fast-path flags and bad input on the device:")
-    # main.py refuses --channels_last on a CPU (training.accel.cpu_unsafe_flag).
-    fast_runs = [["--amp", "bf16", "--channels_last"] if device.type == "cuda" else ["--amp", "bf16"]]
-    if device.type == "cuda":
-        fast_runs.append(["--amp", "fp16", "--channels_last"])
-    for i, flags in enumerate(fast_runs):
-        if deadline.allows(6, f"main.py {' '.join(flags)}"):
-            run = train(f"fast{i}", "deep_ensemble" if args.quick else "sharpbalance", str(device), flags)
-            result["fast_path"][" ".join(flags)] = run is not None
+    say("bad input on the device:")
     bad = {"--device cuda:99": ["--device", "cuda:99"], "--amp fp16 on the CPU": ["--device", "cpu", "--amp", "fp16"]}
     for label, flags in bad.items():
         error, _ = run_quietly(main_script.main, common + ["--save_path", os.path.join(out, "bad"), *flags],
@@ -568,52 +798,150 @@ class MarkedLoader:
                 return
 
 
-class Bench:
-    """One member of a project row: main.py's model, fast path, cuDNN setting and optimizer for the
-    row's flags, on synthetic images resident on the device. ``seen`` holds the batch sizes its
-    training steps have met: cuDNN works out its plans once per size (and per process)."""
+class StoppableLoader:
+    """A member's loader in a lockstep pass: ends the epoch once ``stop[0]`` is set (by the pass's
+    round marker), so that every member stops after the same step."""
 
-    def __init__(self, cfg, device, flags=(), size=32, classes=10, images=None, dataset="cifar10", seed=0):
+    def __init__(self, loader, stop):
+        self.loader, self.stop = loader, stop
+
+    def set_epoch(self, epoch):
+        self.loader.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield batch
+            if self.stop[0]:
+                return
+
+
+@contextlib.contextmanager
+def on_stream(stream):
+    """Queue the block's work on ``stream`` (None: the current stream), ordered after what the
+    current stream holds and before what it gets next, as run_in_lockstep orders a member's stream."""
+    if stream is None:
+        yield
+        return
+    current = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(current)
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:
+        current.wait_stream(stream)
+
+
+def build_member(args, device, classes=10, dataset="cifar10", seed=0):
+    """``(fast, model, optimizer)`` of one member as main.py builds it for ``args``
+    (training.trainer.Member): seed, model, fast path, SAM around SGD."""
+    from models import create_model
+    from training.accel import FastPath
+    from training.sam import SAM
+    torch.manual_seed(seed)
+    fast = FastPath.from_args(args, device)
+    if args.compile and fast.compile_backend is None:
+        raise RuntimeError("torch.compile is unavailable here (the line above says why)")
+    model = fast.prepare(create_model(args.model, classes, width=args.width, dataset=dataset,
+                                      shortcut_scale=args.shortcut_scale).to(device))
+    optimizer = SAM(model.parameters(), torch.optim.SGD, rho=args.rho, lr=args.lr, momentum=args.momentum,
+                    weight_decay=args.weight_decay)
+    return fast, model, optimizer
+
+
+def graph_key(batch_size, num_sam):
+    """The key training.graphs.StepGraphs files a step under: ("sgd", B, 0) for a plain step or a
+    batch without SAM samples, else ("mixed", normal samples, SAM samples); plain SAM is
+    ("mixed", 0, B). (tests/test_gpu_check.py checks it against the keys StepGraphs keeps.)"""
+    return ("sgd", batch_size, 0) if num_sam == 0 else ("mixed", batch_size - num_sam, num_sam)
+
+
+def graph_events(graphs, keys):
+    """For each step of ``keys``, in order, the one-time costs StepGraphs pays on it, from its
+    current state: 1 when the key is new (its first step runs eagerly, and cuDNN meets its
+    sub-batch sizes there) or has run once (its second step is captured), else 0 (replayed, or
+    eager past the bound). All 0 once a capture has failed (every step eager from then on). The
+    bench never changes lr, so no graph is dropped."""
+    if not graphs.enabled:
+        return [0] * len(keys)
+    warmed, captured, events = set(graphs.warmed), set(graphs.graphs), []
+    for key in keys:
+        if key not in warmed:
+            warmed.add(key)
+            events.append(1)
+        elif key not in captured and len(captured) < graphs.limit:
+            captured.add(key)
+            events.append(1)
+        else:
+            events.append(0)
+    return events
+
+
+class Bench:
+    """One member of a project row: main.py's model, fast path, cuDNN setting, optimizer and (with
+    --cuda_graphs) step graphs for the row's flags, on synthetic images resident on the device.
+    ``seen`` holds the batch sizes its training steps have met: cuDNN works out its plans once per
+    size (and per process). ``data_from``: another member of the same row, whose images (one copy
+    on the device) and ``seen`` it shares. ``stream``: the CUDA stream its training is queued on
+    (set by make_benches; None: the current stream)."""
+
+    def __init__(self, cfg, device, flags=(), size=32, classes=10, images=None, dataset="cifar10", seed=0,
+                 data_from=None):
         from data.arrays import BatchLoader, ImageArrayDataset
-        from models import create_model
-        from training.accel import FastPath
-        from training.sam import SAM
+        from training.graphs import StepGraphs, member_graphs
         self.args = row_arguments(flags, cfg)
         apply_cudnn(self.args.cudnn)
         self.cfg, self.device, self.BatchLoader, self.seed = cfg, device, BatchLoader, seed
         self.batch = self.args.batch_size
-        images, labels = synthetic(images or cfg["images"], size, classes, seed)
-        self.train_set = ImageArrayDataset(images, labels, MEAN, STD, augment=True)
-        self.eval_set = self.train_set.with_options(augment=False)
-        # Scoring wants every sample of its split: a split of the first score_images images.
-        n = min(cfg["score_images"], len(labels))
-        self.score_set = ImageArrayDataset(images[:n], labels[:n], MEAN, STD)
-        self.train_set.tensors_on(device)  # every image resident on the device, once
-        torch.manual_seed(seed)
-        self.fast = FastPath.from_args(self.args, device)
-        if self.args.compile and self.fast.compile_backend is None:
-            raise RuntimeError("torch.compile is unavailable here (the line above says why)")
-        self.model = self.fast.prepare(create_model(self.args.model, classes, width=self.args.width, dataset=dataset,
-                                                    shortcut_scale=self.args.shortcut_scale).to(device))
-        self.optimizer = SAM(self.model.parameters(), torch.optim.SGD, rho=self.args.rho, lr=self.args.lr,
-                             momentum=self.args.momentum, weight_decay=self.args.weight_decay)
+        if data_from is None:
+            images, labels = synthetic(images or cfg["images"], size, classes, seed)
+            self.train_set = ImageArrayDataset(images, labels, MEAN, STD, augment=True)
+            self.eval_set = self.train_set.with_options(augment=False)
+            # Scoring wants every sample of its split: a split of the first score_images images.
+            n = min(cfg["score_images"], len(labels))
+            self.score_set = ImageArrayDataset(images[:n], labels[:n], MEAN, STD)
+            self.train_set.tensors_on(device)  # every image resident on the device, once
+            self.seen = set()
+        else:
+            self.train_set, self.eval_set = data_from.train_set, data_from.eval_set
+            self.score_set, self.seen = data_from.score_set, data_from.seen
+        self.fast, self.model, self.optimizer = build_member(self.args, device, classes, dataset, seed)
+        # As main.py: a StepGraphs with --cuda_graphs on CUDA, else None. Elsewhere (the tests on a
+        # CPU) the row gets StepGraphs' CPU stand-in, whose replays run the recorded step eagerly on
+        # the static buffers: the row's bookkeeping runs, its timings are those of eager steps.
+        self.graphs = member_graphs(self.args, self.model, self.optimizer, device)
+        if self.graphs is None and self.args.cuda_graphs:
+            self.graphs = StepGraphs(self.model, self.optimizer, device,
+                                     freeze_bn_on_perturbed=self.args.freeze_bn_on_perturbed)
+        self.stream = None
         rng = np.random.default_rng(seed + 1)
-        self.host_mask = rng.random(len(labels)) < cfg["mixed_fraction"]
+        self.host_mask = rng.random(len(self.train_set)) < cfg["mixed_fraction"]
         self.mask = torch.as_tensor(self.host_mask)
-        self.seen = set()
+
+    def sam_count(self, kind, indices):
+        """How many of the samples ``indices`` a ``kind`` step trains with SAM."""
+        if kind == "sgd":
+            return 0
+        return len(indices) if kind == "sam" else int(self.host_mask[indices.numpy()].sum())
 
     def sizes(self, kind, indices):
         """The batch sizes the convolutions meet in one ``kind`` step on the samples ``indices``."""
-        if kind != "mixed":
-            return {len(indices)}
-        sam = int(self.host_mask[indices.numpy()].sum())
+        sam = self.sam_count(kind, indices)
         return {size for size in (len(indices) - sam, sam) if size}
 
+    def graph_keys(self, kind, batches):
+        return [graph_key(len(indices), self.sam_count(kind, indices)) for indices in batches]
+
     def train_epoch(self, kind, loader):
-        """The project's epoch loop over ``loader``: SGD, SAM, or the mixed step with the bench's mask."""
+        """The project's epoch loop over ``loader``: SGD, SAM, or the mixed step with the bench's
+        mask; graph-captured steps with --cuda_graphs, on the bench's stream."""
         from training.engine import train_one_epoch
-        train_one_epoch(self.model, self.optimizer, loader, 0, use_sam=kind != "sgd",
-                        sam_mask=self.mask if kind == "mixed" else None, progress=False, scaler=self.fast.scaler)
+        with on_stream(self.stream):
+            train_one_epoch(self.model, self.optimizer, loader, 0, use_sam=kind != "sgd",
+                            sam_mask=self.mask if kind == "mixed" else None, progress=False, scaler=self.fast.scaler,
+                            graphs=self.graphs)
 
     def epoch_batches(self, epoch=0):
         """The sample indices of every step of training epoch ``epoch``, in the loader's own order."""
@@ -625,7 +953,7 @@ class Bench:
         """Train on ``batches`` (index tensors, one per step) in order, until ``cap`` seconds or
         ``max_steps`` steps; returns the seconds of every step run."""
         loader = self.BatchLoader(self.train_set, self.batch, self.device, subset=torch.cat(batches))
-        marks = StepMarks(self.device)
+        marks = StepMarks(self.device)  # recorded on the bench's stream, where train_epoch queues the steps
         self.train_epoch(kind, MarkedLoader(loader, marks, cap, max_steps))
         seconds = marks.seconds()
         for indices in batches[:len(seconds)]:
@@ -634,7 +962,7 @@ class Bench:
 
     def start_libraries(self):
         """One SGD step on 2 images: CUDA's, cuBLAS's and cuDNN's own start-up falls here, not on
-        the first size of the first timed row."""
+        the first size of the first timed row (and SGD's momentum buffers exist before a capture)."""
         self.train_pass("sgd", [torch.arange(2)])
 
     def loader(self, steps, offset=0):
@@ -669,14 +997,74 @@ class Bench:
         return images / seconds, seconds, peak_gib(self.device)
 
 
+def make_benches(row, cfg, device):
+    """The row's members: one Bench, or ``row.members`` sharing one copy of the images. As in
+    main.py, members with --cuda_graphs or --lockstep get a CUDA stream each (member_streams), after
+    what their loaders share is made on the current stream."""
+    from training.lockstep import member_streams
+    first = Bench(cfg, device, row.flags)
+    benches = [first] + [Bench(cfg, device, row.flags, seed=m, data_from=first) for m in range(1, row.members)]
+    if first.args.cuda_graphs or first.args.lockstep:
+        next(iter(first.BatchLoader(first.train_set, first.batch, device)), None)
+        for bench, stream in zip(benches, member_streams(device, len(benches))):
+            bench.stream = stream
+    return benches
+
+
+def lockstep_pass(benches, kind, batches, cap=None, max_steps=None):
+    """Train every bench of a lockstep row on ``batches`` (the same samples; each member its own
+    mask and graphs) as main.py --lockstep does: ``training.lockstep.run_in_lockstep`` over the
+    members' ``train_epoch_steps``, each on its own stream, step i of every member before step i+1.
+    A round marker after the members marks the end of every round (on CUDA: an event on the current
+    stream after it waits for every member stream) and stops the members after ``cap`` seconds
+    (host clock) or ``max_steps`` rounds. Returns the seconds of every round."""
+    from training.engine import train_epoch_steps
+    from training.lockstep import run_in_lockstep
+    device = benches[0].device
+    streams = [bench.stream for bench in benches]
+    marks, stop, finished = StepMarks(device), [False], [0]
+
+    def member(bench):
+        loader = StoppableLoader(bench.BatchLoader(bench.train_set, bench.batch, device, subset=torch.cat(batches)),
+                                 stop)
+        yield from train_epoch_steps(bench.model, bench.optimizer, loader, 0, use_sam=kind != "sgd",
+                                     sam_mask=bench.mask if kind == "mixed" else None, progress=False,
+                                     scaler=bench.fast.scaler, graphs=bench.graphs)
+        finished[0] += 1
+
+    def rounds():
+        start = time.perf_counter()
+        while finished[0] < len(benches):
+            if device.type == "cuda":
+                current = torch.cuda.current_stream(device)
+                for stream in streams:
+                    current.wait_stream(stream)
+            marks.mark()
+            done = len(marks.marks) - 1
+            if (max_steps and done >= max_steps) or (cap is not None and time.perf_counter() - start >= cap):
+                stop[0] = True
+            yield
+
+    marks.mark()
+    run_in_lockstep([member(bench) for bench in benches] + [rounds()], streams + [None])
+    seconds = marks.seconds()
+    for indices in batches[:len(seconds)]:
+        for bench in benches:
+            bench.seen |= bench.sizes(kind, indices)
+    return seconds
+
+
 def epoch_estimate(cold, warm, images, new_sizes, warm_images=None):
+
     """An epoch's figures from two passes over its first steps.
 
     ``images[i]`` and ``new_sizes[i]``: the images of step i and how many batch sizes it meets for
-    the first time, for every step of the epoch. ``cold[i]``: seconds of step i in the first pass
-    (the epoch from its start, possibly cut short), where a new size pays cuDNN's per-shape work;
-    ``warm[i]``: seconds of the same steps run again, every size known (``warm_images``: the images
-    of each warm step; by default the first pass's; a short first pass is repeated in the second).
+    the first time, for every step of the epoch (with graph-captured steps: how many graph events,
+    see step_novelty; "size" below stands for either). ``cold[i]``: seconds of step i in the first
+    pass (the epoch from its start, possibly cut short), where a new size pays cuDNN's per-shape
+    work; ``warm[i]``: seconds of the same steps run again, every size known (``warm_images``: the
+    images of each warm step; by default the first pass's; a short first pass is repeated in the
+    second).
 
     Later epochs run at the warm rate. A new size costs what its steps took over their warm time,
     per new size (noise that makes it negative counts as 0). A cut first pass is completed by its
@@ -698,24 +1086,82 @@ def epoch_estimate(cold, warm, images, new_sizes, warm_images=None):
             "extra_s": max(0.0, extra), "new_size_s": new_size_s}
 
 
-def measure_epoch(bench, kind, cold_cap, warm_cap, max_steps, min_warm_steps):
-    """``kind``'s steps over a training epoch of the bench's images (see epoch_estimate). A first
-    pass cut after fewer than ``min_warm_steps`` full batches (a slow step per new size) is
-    repeated in the second, so that the warm rate rests on enough steps."""
-    batches = bench.epoch_batches()
-    seen, new_sizes = set(bench.seen), []
+def step_novelty(benches, kind, batches):
+    """For each step of ``batches``, the one-time costs the row's members meet on it, summed over
+    them: batch sizes new to the process (cuDNN works out its plans once per size and process), or,
+    with graph-captured steps, graph events (graph_events: each member has graphs of its own)."""
+    if benches[0].graphs is not None:
+        per_member = [graph_events(bench.graphs, bench.graph_keys(kind, batches)) for bench in benches]
+        return [sum(step) for step in zip(*per_member)]
+    seen, new = set(benches[0].seen), []
     for indices in batches:
-        sizes = bench.sizes(kind, indices)
-        new_sizes.append(len(sizes - seen))
+        sizes = set().union(*(bench.sizes(kind, indices) for bench in benches))
+        new.append(len(sizes - seen))
         seen |= sizes
+    return new
+
+
+def graph_counts(benches):
+    """StepGraphs.counts summed over the members (None without graph-captured steps)."""
+    if benches[0].graphs is None:
+        return None
+    return {key: sum(bench.graphs.counts[key] for bench in benches) for key in benches[0].graphs.counts}
+
+
+def capture_pending(benches, kind, batches, cap):
+    """With graph-captured steps: run, untimed, one step of every key of ``batches`` that has run
+    eagerly but has no graph yet (its next step would be its capture), so that the second pass
+    replays only; each member stops after its share of ``cap`` seconds (a key left over is captured
+    in the second pass, which then says so). A last partial batch stays last."""
+    for bench in benches:
+        if bench.graphs is None or not bench.graphs.enabled:
+            continue
+        pending = {}
+        for indices, key in zip(batches, bench.graph_keys(kind, batches)):
+            if key in bench.graphs.warmed and key not in bench.graphs.graphs:
+                pending.setdefault(key, indices)
+        if pending:
+            bench.train_pass(kind, sorted(pending.values(), key=lambda indices: len(indices) < bench.batch),
+                             cap / len(benches))
+
+
+def measure_epoch(benches, kind, cold_cap, warm_cap, max_steps, min_warm_steps):
+    """``kind``'s steps over a training epoch of the bench's images (see epoch_estimate); several
+    benches train in lockstep (lockstep_pass: a step is then a round, one step of every member, and
+    the figures are their aggregate). A first pass cut after fewer than ``min_warm_steps`` full
+    batches (a slow step per new size) is repeated in the second, so that the warm rate rests on
+    enough steps. With graph-captured steps the one-time costs are graph events (step_novelty), the
+    keys met once in the first pass are captured before the second (capture_pending), and the
+    entry reports the graphs' counts over the phase, the first pass's events, expected and seen
+    (they differ only when a capture failed or the bound on graphs was reached), and the second
+    pass's steps that were not replays (0 unless a capture failed or the bound was reached)."""
+    bench, members = benches[0], len(benches)
+    run_pass = bench.train_pass if members == 1 else functools.partial(lockstep_pass, benches)
+    batches = bench.epoch_batches()
+    new = step_novelty(benches, kind, batches)
+    before = graph_counts(benches)
     reset_peak(bench.device)
-    cold = bench.train_pass(kind, batches, cold_cap, max_steps)
+    cold = run_pass(kind, batches, cold_cap, max_steps)
     first = batches[:len(cold)]
+    after_cold = graph_counts(benches)
+    capture_pending(benches, kind, first, cold_cap)
     full = all(len(b) == bench.batch for b in first)  # a last partial batch must stay last
     again = first * (math.ceil(min_warm_steps / len(first)) if full else 1)
-    warm = bench.train_pass(kind, again, warm_cap)
-    return dict(epoch_estimate(cold, warm, [len(b) for b in batches], new_sizes, [len(b) for b in again[:len(warm)]]),
-                peak_gib=peak_gib(bench.device))
+    before_warm = graph_counts(benches)
+    warm = run_pass(kind, again, warm_cap)
+    got = dict(epoch_estimate(cold, warm, [members * len(b) for b in batches], new,
+                              [members * len(b) for b in again[:len(warm)]]),
+               peak_gib=peak_gib(bench.device), members=members)
+    if before is not None:
+        after = graph_counts(benches)
+        got["graphs"] = {"counts": {key: after[key] - before[key] for key in after},
+                         "events_expected": sum(new[:len(cold)]),
+                         "events_seen": sum(after_cold[k] - before[k] for k in ("eager", "captured")),
+                         "second_pass_not_replayed": sum(after[k] - before_warm[k] for k in ("eager", "captured")),
+                         "held": sum(len(b.graphs.graphs) for b in benches),
+                         "failed": sum(not b.graphs.enabled for b in benches),
+                         "how": "CUDA graphs" if bench.device.type == "cuda" else "CPU stand-in, no capture"}
+    return got
 
 
 def measure_phase(bench, phase, cfg):
@@ -734,42 +1180,84 @@ def measure_phase(bench, phase, cfg):
 
 
 def describe_epoch(got):
-    run = (f"{got['steps_run']}/{got['steps']} steps run, rest extrapolated" if got["extrapolated"]
-           else "whole epoch")
+    run = (f"{got['steps_run']}/{got['steps']} {'rounds' if got.get('members', 1) > 1 else 'steps'} run, rest "
+           "extrapolated" if got["extrapolated"] else "whole epoch")
     per_size = "n/a" if got["new_size_s"] is None else f"{got['new_size_s']:.3f} s"
+    what = "graph event" if "graphs" in got else "new size"
     return (f"epoch 1 {got['first_epoch_s']:7.2f} s ({run}); later epochs {got['warm_epoch_s']:7.2f} s = "
-            f"{got['img_per_s']:7.0f} img/s; {got['new_sizes']} new size{'' if got['new_sizes'] == 1 else 's'}, "
+            f"{got['img_per_s']:7.0f} img/s; {got['new_sizes']} {what}{'' if got['new_sizes'] == 1 else 's'}, "
             f"{per_size} each")
 
 
-def measure_row(row, cfg, device, deadline, entry, save):
-    """Every phase of ``row`` into ``entry``, each isolated; caps shrink to what the budget allows."""
-    bench, error = isolated(row.label, Bench, cfg, device, row.flags)
+def describe_graphs(got):
+    """The graphs' counts over a phase (graph events: a key's eager first step, or its capture)."""
+    graphs = got["graphs"]
+    counts = ", ".join(f"{n} {key}" for key, n in graphs["counts"].items())
+    line = (f"graphs: {counts}; {graphs['held']} held; first pass {graphs['events_seen']} events "
+            f"(expected {graphs['events_expected']}) [{graphs['how']}]")
+    if graphs["second_pass_not_replayed"]:
+        line += f"; {graphs['second_pass_not_replayed']} steps of the second pass were not replays"
+    if graphs["failed"]:
+        line += f"; a capture FAILED for {graphs['failed']} member(s): their later steps ran eagerly"
+    return line
+
+
+def three_member_neighbours(summary, row):
+    """For a lockstep row: the bare step on three streams (its reference row) and the same precision
+    in three processes (the shared part), per phase, as measured so far in this run."""
+    reference = summary["parts"].get("reference", {}).get("rows", {}).get(row.reference, {})
+    label = next((name for name, ref in SHARED_REFERENCE.items() if ref == row.reference), None)
+    shared_rows = summary["parts"].get("shared", {}).get("rows", {}).get(label, {})
+    found = {}
+    for phase in TRAIN_PHASES:
+        pair = {}
+        if ok(reference.get(phase)):
+            pair["bare step on 3 streams"] = reference[phase]["img_per_s"]
+        if isinstance(shared_rows.get(phase), dict) and "aggregate_img_per_s" in shared_rows[phase]:
+            pair[f"3 processes ({label})"] = shared_rows[phase]["aggregate_img_per_s"]
+        found[phase] = pair
+    return found
+
+
+def measure_row(row, cfg, device, deadline, entry, save, neighbours=None):
+    """Every phase of ``row`` into ``entry``, each isolated; caps shrink to what the budget allows.
+    ``neighbours``: per phase, other three-member figures to print next to a lockstep row's."""
+    benches, error = isolated(row.label, make_benches, row, cfg, device)
     if error:
         entry["error"] = error
         return
-    isolated(f"{row.label} start-up step", bench.start_libraries)
+    for i, bench in enumerate(benches):
+        isolated(f"{row.label} start-up step, member {i}", bench.start_libraries)
+    # With graph-captured steps, a pass between the two (capture_pending) takes up to the first
+    # pass's cap.
+    share = (0.4, 0.2) if row.graphs else (0.7, 0.3)
     for phase in row.phases:
         if phase in TRAIN_PHASES:
             cold_cap = cfg["whole_epoch_cap"] if row.whole_epoch and phase == "mixed" else cfg["cold_cap"][phase]
-            warm_cap = cfg["warm_cap"][phase]
+            cold_cap, warm_cap = cold_cap * row.cap_scale, cfg["warm_cap"][phase] * row.cap_scale
             if not deadline.allows(0 if cfg.get("quick") else 3, f"{row.label} {phase}"):
                 entry.setdefault("skipped", []).append(phase)
                 continue
             room = max(1.0, deadline.left() - 2)
-            cold_cap, warm_cap = min(cold_cap, 0.7 * room), min(warm_cap, 0.3 * room)
+            cold_cap, warm_cap = min(cold_cap, share[0] * room), min(warm_cap, share[1] * room)
             whole = row.whole_epoch and phase == "mixed"
-            got, error = isolated(f"{row.label} {phase}", measure_epoch, bench, phase, cold_cap, warm_cap,
+            got, error = isolated(f"{row.label} {phase}", measure_epoch, benches, phase, cold_cap, warm_cap,
                                   None if whole else cfg["max_cold_steps"], cfg["min_warm_steps"])
             if got:
-                say(f"  {row.label:28s} {phase:11s} {describe_epoch(got)}   peak {gib(got['peak_gib'])}")
+                say(f"  {row.label:34s} {phase:11s} {describe_epoch(got)}   peak {gib(got['peak_gib'])}")
+                if "graphs" in got:
+                    say(f"  {'':34s} {'':11s} {describe_graphs(got)}")
+                if row.members > 1:
+                    others = "; ".join(f"{name} {rate:.0f}" for name, rate in (neighbours or {}).get(phase, {}).items())
+                    say(f"  {'':34s} {'':11s} {row.members} members in lockstep, aggregate {got['img_per_s']:.0f} "
+                        f"img/s; " + (others or "no three-member figures from the reference and shared parts yet"))
         else:
             if not deadline.allows(0 if cfg.get("quick") else 6, f"{row.label} {phase}"):
                 entry.setdefault("skipped", []).append(phase)
                 continue
-            got, error = isolated(f"{row.label} {phase}", measure_phase, bench, phase, cfg)
+            got, error = isolated(f"{row.label} {phase}", measure_phase, benches[0], phase, cfg)
             if got:
-                say(f"  {row.label:28s} {phase:11s} {got['img_per_s']:10.0f} img/s   peak {gib(got['peak_gib'])}   "
+                say(f"  {row.label:34s} {phase:11s} {got['img_per_s']:10.0f} img/s   peak {gib(got['peak_gib'])}   "
                     f"(warm-up {got['warm_up_s']:.1f}s)")
         entry[phase] = got if got else {"error": error}
         save()
@@ -805,20 +1293,24 @@ def project_part(part):
                 got, error = isolated(label, tiny_row, cfg, device, flags)
                 tiny[kind] = dict(got or {"error": error}, label=label)
                 if got:
-                    say(f"  {label:28s} sgd         {got['img_per_s']:10.0f} img/s   peak {gib(got['peak_gib'])}")
+                    say(f"  {label:34s} sgd         {got['img_per_s']:10.0f} img/s   peak {gib(got['peak_gib'])}")
         say("project rows (SGD, SAM and mixed: a first pass over the epoch from its start, cut at a time limit, "
             "then its first steps again; later epochs run at the second pass's rate):")
+        summary = read_summary(args.out)
         for row in chosen:
-            rows[row.label] = {"flags": list(row.flags), "kind": row.kind}
+            rows[row.label] = {"flags": list(row.flags), "kind": row.kind, "members": row.members}
             if deadline.allows(0 if args.quick else 8, f"row {row.label}"):
-                measure_row(row, cfg, device, deadline, rows[row.label], save)
+                neighbours = three_member_neighbours(summary, row) if row.members > 1 else None
+                measure_row(row, cfg, device, deadline, rows[row.label], save, neighbours)
             else:
                 rows[row.label]["skipped"] = list(row.phases)
             save()
+            if device.type == "cuda":
+                gc.collect()  # the row's graphs and their memory pools go with its benches
+                torch.cuda.empty_cache()
         save()
         return 0
     return run
-
 
 # ----------------------------------------------------------------------------------------- reference
 
@@ -1015,19 +1507,86 @@ def member_seconds(rates, data, method, scale):
             + (EPOCHS - SPLIT_AFTER) * seconds(data["train"], "mixed") + EPOCHS * per_eval)
 
 
-def run_hours(rates, new_size_s, data, method, scale, fraction, concurrent):
+# main.py's default learning-rate schedule (--lrsche multistep, training/trainer.py): lr drops at
+# epochs/2 and 3*epochs/4, and each drop makes every member's step graphs be captured again.
+LR_MILESTONES = (EPOCHS // 2, EPOCHS * 3 // 4)
+
+
+def method_phases(method, fraction):
+    """A run's phases as (epochs, probability that a sample is trained with SAM): 0 for SGD, 1 for
+    SAM, ``fraction`` for SharpBalance's mixed step after its SAM epochs."""
+    if method == "deep_ensemble":
+        return [(EPOCHS, 0.0)]
+    if method == "sam":
+        return [(EPOCHS, 1.0)]
+    return [(SPLIT_AFTER, 1.0), (EPOCHS - SPLIT_AFTER, fraction)]
+
+
+def expected_graph_events(batch, n_images, phases, milestones):
+    """Expected number of graph events (a key's eager first step, each capture) of one member whose
+    steps are graph-captured (training/graphs.py), over a run of ``phases`` ((epochs, SAM fraction),
+    see method_phases) with lr drops at ``milestones`` (epochs).
+
+    A step of b images with s SAM samples (s ~ Binomial(b, fraction); 0 for SGD, b for SAM) has the
+    key (b, s); an epoch has n_images // batch steps of ``batch`` images and one of the rest. The
+    first step of a key runs eagerly; a step of a key without a graph is captured; an lr drop drops
+    every graph. So a key costs one event in every lr period in which it is used, plus one in the
+    period of its first use when it is used twice or more there. With the periods p independent,
+    the expectation per key is
+        sum_p P(used in p) + sum_p P(unused before p) * P(used at least twice in p),
+    where, within a period, the key is used in each of N_j steps of segment j (epochs of one
+    fraction) with probability q_j: P(unused) = prod_j (1 - q_j)^N_j, P(used once) =
+    sum_j N_j q_j (1 - q_j)^(N_j - 1) prod_(k != j) (1 - q_k)^N_k. The bound on graphs (128 per
+    member) is left out: a few dozen keys per batch size at batch 128 and f = 0.8.
+    """
+    full, last = divmod(n_images, batch)
+    fractions = [fraction for epochs, fraction in phases for _ in range(epochs)]
+    bounds = [0] + [m for m in milestones if 0 < m < len(fractions)] + [len(fractions)]
+    periods = []
+    for start, end in zip(bounds, bounds[1:]):
+        epochs = {}
+        for fraction in fractions[start:end]:
+            epochs[fraction] = epochs.get(fraction, 0) + 1
+        periods.append(epochs)
+    total = 0.0
+    for size, per_epoch in ((batch, full), (last, 1)):
+        if size == 0 or per_epoch == 0:
+            continue
+        pmfs = {fraction: binomial_pmf(size, fraction) for fraction in set(fractions)}
+        for s in range(size + 1):
+            unused_before = 1.0
+            for epochs in periods:
+                segments = [(per_epoch * count, pmfs[fraction][s]) for fraction, count in epochs.items()]
+                unused = math.prod((1.0 - q) ** n for n, q in segments)
+                once = sum(n * q * (1.0 - q) ** (n - 1) * math.prod((1.0 - q2) ** n2 for k, (n2, q2) in
+                                                                    enumerate(segments) if k != j)
+                           for j, (n, q) in enumerate(segments))
+                total += (1.0 - unused) + unused_before * (1.0 - unused - once)
+                unused_before *= unused
+    return total
+
+
+def run_hours(rates, new_size_s, data, method, scale, fraction, concurrent, graphs=False):
     """Wall time of one 3-member run: the members one after another in one process (main.py), or
-    ``concurrent`` (three processes at once, ``rates`` being each one's share). cuDNN's per-size work
-    is paid once per process, the processes paying theirs at the same time: once either way."""
+    ``concurrent`` (three processes at once, or members in lockstep, ``rates`` being each one's
+    share). cuDNN's per-size work is paid once per process, the processes paying theirs at the same
+    time: once either way. With graph-captured steps (``graphs``) the one-time costs are graph
+    events instead, per member (each has its own graphs; a capture holds up the whole device, so
+    members in lockstep pay theirs one after another): ``new_size_s`` is then the cost per event."""
     member = member_seconds(rates, data, method, scale)
-    once = new_size_s * scale * run_sizes(method, data["train"], fraction)
+    if graphs:
+        events = MEMBERS * expected_graph_events(PROJECTED_BATCH, data["train"], method_phases(method, fraction),
+                                                 LR_MILESTONES)
+    else:
+        events = run_sizes(method, data["train"], fraction)
+    once = new_size_s * scale * events
     return ((member if concurrent else MEMBERS * member) + once) / 3600
 
 
 def merged_rows(summary):
-    """Every measured project row (from the throughput, cudnn and compile sections), by label."""
+    """Every measured project row (from the sections of the parts that measure them), by label."""
     rows = {}
-    for part in ("throughput", "cudnn", "compile"):
+    for part in dict.fromkeys(row.part for row in PROJECT_ROWS):
         rows.update(summary["parts"].get(part, {}).get("rows", {}))
     return rows
 
@@ -1036,9 +1595,18 @@ def ok(entry):
     return isinstance(entry, dict) and "img_per_s" in entry
 
 
+def capture_note(row_entry):
+    """' (a capture FAILED: eager steps)' for a graph row whose captures failed in some phase (its
+    later figures are eager ones), else ''."""
+    failed = any(isinstance(e, dict) and e.get("graphs", {}).get("failed") for e in row_entry.values())
+    return " (a capture FAILED: eager steps)" if failed else ""
+
+
 def row_rates(label, rows):
     """(img/s per phase, seconds per new size) of a row, or None when a training phase is missing.
-    Scoring and evaluation come from the row or, failing that, from the row it borrows from."""
+    Scoring and evaluation come from the row or, failing that, from the row it borrows from. For a
+    lockstep row the training rates are its members' aggregate and the seconds are per graph event
+    (or new size) of any member; what it borrows is one member's."""
     row = rows.get(label, {})
     spec = next((r for r in PROJECT_ROWS if r.label == label), None)
     if not all(ok(row.get(phase)) for phase in TRAIN_PHASES):
@@ -1057,9 +1625,10 @@ def row_rates(label, rows):
 
 def projection_settings(summary):
     """Every setting that can be projected: each complete project row with its members one after
-    another, then the same with three members sharing the device where the shared part measured it.
-    Each is a dict: name, kind, rates (img/s per phase, per member), new_size_s, concurrent, and
-    eval_alone (one process's evaluation rate, for the measure scripts)."""
+    another, then the same with three members sharing the device where the shared part measured it;
+    a lockstep row as its members in lockstep. Each is a dict: name, kind, rates (img/s per phase,
+    per member), new_size_s, concurrent, graphs (one-time costs per graph event) and eval_alone (one
+    process's evaluation rate, for the measure scripts)."""
     rows = merged_rows(summary)
     shared_rows = summary["parts"].get("shared", {}).get("rows", {})
     settings = []
@@ -1068,8 +1637,16 @@ def projection_settings(summary):
         if got is None:
             continue
         rates, new_size_s = got
-        common = dict(kind=row.kind, new_size_s=new_size_s, eval_alone=rates["eval"])
-        settings.append(dict(common, name=f"{row.label}, members one after another", rates=rates, concurrent=False))
+        common = dict(kind=row.kind, new_size_s=new_size_s, eval_alone=rates["eval"], graphs=row.graphs)
+        if row.members > 1:
+            # Each member trains at 1/members of the aggregate; the scoring at the split and the
+            # evaluations (a member's own, after its epoch) are counted one member after another.
+            share = {p: rate / row.members for p, rate in rates.items()}
+            settings.append(dict(common, name=f"{row.label}, {row.members} members in lockstep"
+                                 f"{capture_note(rows[row.label])}", rates=share, concurrent=True))
+            continue
+        settings.append(dict(common, name=f"{row.label}, members one after another{capture_note(rows[row.label])}",
+                             rates=rates, concurrent=False))
         gains_from = shared_rows.get(row.shared_as or "", {})
         alone = rows.get(row.shared_as or "", {})
         if all(p in gains_from and ok(alone.get(p)) for p in SHARED_PHASES):
@@ -1102,7 +1679,7 @@ def project_runs(setting, scale_of, fraction):
     for dataset, data in DATASETS.items():
         for method in METHODS:
             hours = run_hours(setting["rates"], setting["new_size_s"], data, method, scale_of(data), fraction,
-                              setting["concurrent"])
+                              setting["concurrent"], setting["graphs"])
             table[f"{dataset} {method}"] = hours
             figure7 += SEED_TRIPLES * hours
     # Measurement passes (test + 75 -C cells, two passes, every member), forward only, one process
@@ -1114,26 +1691,58 @@ def project_runs(setting, scale_of, fraction):
 
 
 def comparisons(summary):
-    """Project against bare reference, per phase: [{name, kind, members, ratios}] for every pair
-    measured (a project row and its reference row; the shared part and three streams; the fast
-    path and the compute ceiling)."""
+    """Project against bare reference, per phase: [{name, row, kind, members, graphs, ratios}] for
+    every pair measured (a project row and its reference row, a lockstep row's aggregate against
+    three streams; the shared part and three streams; the fast path and the compute ceiling)."""
     parts = summary["parts"]
     rows, reference_rows = merged_rows(summary), parts.get("reference", {}).get("rows", {})
     shared_rows = parts.get("shared", {}).get("rows", {})
     kinds = {row.label: row.kind for row in PROJECT_ROWS}
-    pairs = [(f"{row.label} / {row.reference}", row.kind, 1, rows.get(row.label, {}),
-              reference_rows.get(row.reference, {}), "img_per_s") for row in PROJECT_ROWS if row.reference]
-    pairs += [(f"{label}, 3 processes sharing / {ref}", kinds[label], 3, shared_rows.get(label, {}),
+    pairs = [(f"{row.label}{capture_note(rows.get(row.label, {}))} / {row.reference}", row.label, row.kind,
+              row.members, row.graphs, rows.get(row.label, {}), reference_rows.get(row.reference, {}), "img_per_s")
+             for row in PROJECT_ROWS if row.reference]
+    pairs += [(f"{label}, 3 processes sharing / {ref}", label, kinds[label], 3, False, shared_rows.get(label, {}),
                reference_rows.get(ref, {}), "aggregate_img_per_s") for label, ref in SHARED_REFERENCE.items()]
-    pairs += [(f"bf16+channels_last / {CEILING}", "ceiling", 1, rows.get("bf16+channels_last", {}),
-               reference_rows.get(CEILING, {}), "img_per_s")]
+    pairs += [(f"bf16+channels_last / {CEILING}", "bf16+channels_last", "ceiling", 1, False,
+               rows.get("bf16+channels_last", {}), reference_rows.get(CEILING, {}), "img_per_s")]
     found = []
-    for name, kind, members, project, bare, key in pairs:
+    for name, label, kind, members, graphs, project, bare, key in pairs:
         ratios = {p: project[p][key] / bare[p]["img_per_s"] for p in ("sgd", "sam")
                   if isinstance(project.get(p), dict) and key in project[p] and ok(bare.get(p))}
         if ratios:
-            found.append({"name": name, "kind": kind, "members": members, "ratios": ratios})
+            found.append({"name": name, "row": label, "kind": kind, "members": members, "graphs": graphs,
+                          "ratios": ratios})
     return found
+
+
+def three_members(summary):
+    """Aggregate img/s of three members on one GPU, per phase, every way measured: the bare step on
+    three streams (reference), three processes (shared), members in lockstep (the lockstep rows)."""
+    parts = summary["parts"]
+    reference_rows, shared_rows = parts.get("reference", {}).get("rows", {}), parts.get("shared", {}).get("rows", {})
+    rows = merged_rows(summary)
+    found = []
+    for label, _, _, members, _, _ in REFERENCE_ROWS:
+        if members == 3:
+            found.append((f"bare step, {label}",
+                          {p: e["img_per_s"] for p, e in reference_rows.get(label, {}).items() if ok(e)}))
+    for label in SHARED_LABELS:
+        found.append((f"{label}, 3 processes", {p: e["aggregate_img_per_s"] for p, e in
+                                                shared_rows.get(label, {}).items() if "aggregate_img_per_s" in e}))
+    for row in PROJECT_ROWS:
+        if row.members == 3:
+            found.append((f"{row.label}, one process", {p: e["img_per_s"] for p, e in rows.get(row.label, {}).items()
+                                                         if p in TRAIN_PHASES and ok(e)}))
+    return [{"name": name, "img_per_s": rates} for name, rates in found if rates]
+
+
+def print_three_members(summary, result):
+    say("three members on one GPU (aggregate img/s, measured in this run):")
+    result["three_members"] = three_members(summary)
+    for entry in result["three_members"]:
+        say(f"  {entry['name']:62s} " + "  ".join(f"{p} {r:8.0f}" for p, r in entry["img_per_s"].items()))
+    if not result["three_members"]:
+        say("  nothing measured")
 
 
 def verdict(met):
@@ -1150,7 +1759,8 @@ def print_projections(summary, fraction, result):
     say(f"projection: 200 epochs, 3 members, validation every epoch, SharpBalance split after 101 SAM epochs, "
         f"batch {PROJECTED_BATCH}, mixed f = {fraction} (from {throughput.get('gpu') or throughput.get('device')}; "
         f"Tiny-ImageNet cost per image = CIFAR's x {tiny['faithful']:.2f} faithful / x {tiny['fast']:.2f} fast, "
-        "measured on SGD; cuDNN's per-size work once per run, for the expected number of distinct sizes)")
+        "measured on SGD; cuDNN's per-size work once per run, for the expected number of distinct sizes; with "
+        "graph-captured steps, each member's expected graph events instead)")
     for setting in settings:
         kind = setting["kind"]
         table = project_runs(setting, lambda d, kind=kind: tiny[kind] if d["side"] == 64 else 1.0, fraction)
@@ -1197,7 +1807,7 @@ def print_goals(summary, result):
     def goal(what, target, value, met):
         goals.append({"goal": what, "target": target, "measured": value, "met": met})
         shown = "not measured: UNKNOWN" if value is None else f"measured {value:.2f}: {verdict(met)}"
-        say(f"  {what:74s} goal {target}, {shown}")
+        say(f"  {what:96s} goal {target}, {shown}")
 
     measured = [row for row in PROJECT_ROWS if all(ok(rows.get(row.label, {}).get(p)) for p in ("sam", "mixed"))]
     for row in measured:
@@ -1208,14 +1818,18 @@ def print_goals(summary, result):
              ratio, ratio >= GOALS["mixed_over_sam"])
     if not measured:
         goal("mixed step img/s / SAM img/s, every setting", f">= {GOALS['mixed_over_sam']}", None, False)
+    # The fast path of the goal: bf16 + channels_last with graph-captured steps; three members are
+    # the lockstep row (one process), against the bare step on three streams.
     for members in (1, 3):
-        candidates = [pair["ratios"] for pair in result["versus_reference"]
-                      if pair["kind"] == "fast" and pair["members"] == members]
+        candidates = [pair for pair in result["versus_reference"]
+                      if pair["kind"] == "fast" and pair["members"] == members and pair["graphs"]]
         for phase in ("sgd", "sam"):
-            best = max((r[phase] for r in candidates if phase in r), default=None)
+            best = max(((pair["ratios"][phase], pair["name"].split(" / ")[0]) for pair in candidates
+                        if phase in pair["ratios"]), default=(None, "no row measured"))
             who = "one member" if members == 1 else "3 members"
-            goal(f"fast path {phase.upper()} / bare CUDA-graph reference, {who}",
-                 f">= {GOALS['fast_over_reference']}", best, best is not None and best >= GOALS["fast_over_reference"])
+            goal(f"fast path {phase.upper()} / bare CUDA-graph reference, {who} ({best[1]})",
+                 f">= {GOALS['fast_over_reference']}", best[0],
+                 best[0] is not None and best[0] >= GOALS["fast_over_reference"])
     faithful = result["settings"].get("fp32, members one after another", {}).get("CIFAR-10 sharpbalance")
     goal("CIFAR-10 SharpBalance, 3 members, 200 epochs, faithful defaults (minutes)",
          f"<= {GOALS['cifar10_sharpbalance_faithful_min']:.0f}", None if faithful is None else 60 * faithful,
@@ -1233,10 +1847,11 @@ def print_goals(summary, result):
 def projection(args, cfg):
     """Every section on its own: one that fails prints one line and the others still print."""
     summary = read_summary(args.out)
-    result = {"settings": {}, "cudnn": {}, "versus_reference": [], "goals": []}
+    result = {"settings": {}, "cudnn": {}, "versus_reference": [], "three_members": [], "goals": []}
     isolated("projections", print_projections, summary, cfg["mixed_fraction"], result)
     isolated("--cudnn settings", print_cudnn_settings, summary, cfg["mixed_fraction"], result)
     isolated("project / reference", print_versus_reference, summary, result)
+    isolated("three members on one GPU", print_three_members, summary, result)
     isolated("goals", print_goals, summary, result)
     save_part(args.out, "projection", result)
     return 0
@@ -1245,7 +1860,8 @@ def projection(args, cfg):
 # ----------------------------------------------------------------------------------------- entry
 
 PARTS = {"smoke": smoke, "throughput": project_part("throughput"), "cudnn": project_part("cudnn"),
-         "compile": project_part("compile"), "reference": reference, "shared": shared}
+         "graphs": project_part("graphs"), "compile": project_part("compile"), "reference": reference,
+         "shared": shared}
 
 
 def main(argv=None):

@@ -2,9 +2,12 @@
 # The GPU check, in one go: at most 6 minutes on one H200 (every part has its own time limit, so a
 # slow part cuts its own rows, not the parts after it). It prints, in this order:
 #   1. smoke       main.py on digits (3 methods, SharpBalance split) on the GPU and on the CPU, the three
-#                  measure scripts, agreement (same split masks, final losses within 10%), repeatability
-#                  (killed + resumed against straight, bit for bit, --cudnn deterministic and the
-#                  default), the fast-path flags, bad device input, torchrun with 3 ranks on one GPU
+#                  measure scripts, agreement (same split masks, final losses within 10%), the fast-path
+#                  flags, SharpBalance with --cuda_graphs, --lockstep and both (+ bf16 + channels_last)
+#                  against the CPU run, with --score_backend hooks on the fast path, the graph-captured
+#                  steps against the eager ones, repeatability (killed + resumed against straight, bit
+#                  for bit, --cudnn deterministic and the default), bad device input, torchrun with 3
+#                  ranks on one GPU
 #   2. throughput  the project's rows: ResNet18 width 64, 45,000 CIFAR-shaped images on the GPU, batch
 #                  128: SGD, SAM and mixed (f = 0.8) steps over an epoch (epoch 1 with cuDNN's per-size
 #                  work, later epochs), scoring (func, hooks), evaluation; fp32 (the defaults), bf16 +
@@ -12,8 +15,11 @@
 #   3. cudnn       the same epochs under --cudnn torch and --cudnn released (a process of their own)
 #   4. reference   the bare step in a CUDA graph: one member, three on three streams, the ceiling
 #   5. shared      three members training at once on the GPU (aggregate img/s, memory per process)
-#   6. projection  200-epoch 3-member runs per method and setting on CIFAR-10/100 and Tiny-ImageNet, the
-#                  whole Figure 7, the --cudnn settings side by side, project / reference, the goals
+#   6. graphs      bf16 + channels_last + --cuda_graphs: one member, and three members with --lockstep
+#                  (one process, a CUDA stream each), with the graphs' counts (a process of their own)
+#   7. projection  200-epoch 3-member runs per method and setting on CIFAR-10/100 and Tiny-ImageNet, the
+#                  whole Figure 7, the --cudnn settings side by side, project / reference, three members
+#                  on one GPU (streams, processes, lockstep), the goals
 # Not in the default run: compile (the torch.compile row; --parts compile, up to 150 s more).
 # Results: <out>/summary.json and <out>/gpu_check.log (everything printed); <out>/work/ holds the run
 # folders, data and logs (delete it freely).
@@ -28,22 +34,26 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 PY="${PYTHON:-python3}"
 DEVICE=cuda
 OUT_DIR=results/gpu_check
-DEFAULT_PARTS="smoke throughput cudnn reference shared projection"
+DEFAULT_PARTS="smoke throughput cudnn reference shared graphs projection"
 PARTS="$DEFAULT_PARTS"
 QUICK=()
+SCALE=1
 while (($#)); do
     case "$1" in
         --device) DEVICE="$2"; shift 2 ;;
         --out) OUT_DIR="$2"; shift 2 ;;
         --parts) PARTS="$2"; shift 2 ;;
-        --quick) QUICK=(--quick); shift ;;
+        --quick) QUICK=(--quick); SCALE=2; shift ;;
         *) echo "error: unknown argument '$1' (--device D, --out DIR, --parts \"...\", --quick)" >&2; exit 2 ;;
     esac
 done
 export PYTHONUNBUFFERED=1
-# Seconds per part: 80 + 85 + 50 + 40 + 45 + 15 = 315 s for the default parts, under 6 minutes with
-# the shell's own seconds (each part starts a Python process, which imports torch and starts CUDA).
-declare -A LIMIT=([smoke]=80 [throughput]=85 [cudnn]=50 [reference]=40 [shared]=45 [projection]=15 [compile]=150)
+# Seconds per part: 86 + 85 + 40 + 30 + 35 + 42 + 12 = 330 s for the default parts, under 6 minutes with
+# the shell's own seconds (each part starts a Python process, which imports torch and starts CUDA; the
+# version line below starts one more). benchmarks/README.md says what each part is estimated to need.
+# --quick doubles them: toy sizes on a CPU check the code, and a CPU (a shared one above all) takes
+# longer than an H200 to start the smoke's fresh processes.
+declare -A LIMIT=([smoke]=86 [throughput]=85 [cudnn]=40 [reference]=30 [shared]=35 [graphs]=42 [projection]=12 [compile]=150)
 
 for part in $PARTS; do
     if [[ -z "${LIMIT[$part]:-}" ]]; then
@@ -67,7 +77,7 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU visible'
     fi
     local status=0 start=$SECONDS part limit rc
     for part in $PARTS; do
-        limit="${LIMIT[$part]}"
+        limit=$((${LIMIT[$part]} * SCALE))
         echo
         echo "=== $part (limit ${limit}s) ==="
         # The part keeps 8 s of its limit to print and save what it has; `timeout` is the backstop.

@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.sh on a CPU: every part's code on toy sizes (--quick), so that an error in it
-shows here and not on the day a GPU is lent; the arithmetic (epoch estimates, expected sizes,
-projections, the bare step, FLOPs) against hand computations and brute force."""
+shows here and not on the day a GPU is lent; the arithmetic (epoch estimates, expected sizes and
+graph events, projections, the bare step, FLOPs) against hand computations and brute force, and the
+graph bookkeeping against training/graphs.py's own."""
 import copy
 import itertools
 import json
@@ -10,6 +11,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -48,10 +50,15 @@ def restore_torch_flags(monkeypatch):
 def test_every_part_runs_on_a_cpu(gpu_check, tmp_path, capsys, restore_torch_flags):
     out = str(tmp_path / "gpu_check")
     # In this process (one torch import for all parts); the shell script itself runs below.
-    for part in ("smoke", "throughput", "cudnn", "compile", "reference", "shared"):
+    # shared before graphs: the lockstep row prints the three-member figures of reference and shared.
+    for part in ("smoke", "throughput", "cudnn", "compile", "reference", "shared", "graphs"):
         assert gpu_check.main([part, "--device", "cpu", "--quick", "--out", out, "--budget", "300"]) == 0
     printed = capsys.readouterr().out
     assert "FAILED" not in printed and "skipped" not in printed, printed
+    # The lockstep row's aggregate is printed next to the bare step on three streams and three processes.
+    lockstep_lines = [line for line in printed.splitlines() if "3 members in lockstep, aggregate" in line]
+    assert len(lockstep_lines) == 3 and all("bare step on 3 streams" in line and "3 processes (bf16+channels_last)"
+                                            in line for line in lockstep_lines[:2]), lockstep_lines
     assert sorted(os.listdir(out)) == ["summary.json", "work"]
     parts = read_json(os.path.join(out, "summary.json"))["parts"]
 
@@ -66,8 +73,21 @@ def test_every_part_runs_on_a_cpu(gpu_check, tmp_path, capsys, restore_torch_fla
     assert "split's scores" in repeat["compared"]
     assert all(smoke["fast_path"].values())
     assert all(error.startswith("error: --") for error in smoke["bad_input"].values())
+    # --lockstep on a CPU is bit for bit the eager run: same split, losses 0 apart.
+    lockstep = smoke["graphs"]["--lockstep"]
+    assert lockstep["ok"] and lockstep["mask_entries_differing"] == 0 and lockstep["capture_failures"] == []
+    assert lockstep["final_loss_max_rel_diff"] == 0.0 and lockstep["eager_loss_max_rel_diff"] == 0.0
+    assert smoke["hooks"]["ok"] and smoke["hooks"]["flags"] == ["--amp", "bf16", "--score_backend", "hooks"]
+    # One repeat: per kind (SGD, SAM, mixed) an eager step and a capture; after the milestone the
+    # mixed key is captured again and replayed: 3 eager, 4 captured, 5 replayed (a capture replays).
+    # The CPU stand-in replays the recorded step on the static buffers: bit for bit the eager steps.
+    for label in ("fp32", "--amp bf16"):
+        equal = smoke["graph_equality"][label]
+        assert equal["counts"] == {"eager": 3, "captured": 4, "replayed": 5} and equal["steps"] == 8
+        assert equal["identical"] and equal["max_abs_difference"] == 0.0
 
-    rows = {**parts["throughput"]["rows"], **parts["cudnn"]["rows"], **parts["compile"]["rows"]}
+    rows = {**parts["throughput"]["rows"], **parts["cudnn"]["rows"], **parts["compile"]["rows"],
+            **parts["graphs"]["rows"]}
     assert set(rows) == {row.label for row in gpu_check.PROJECT_ROWS}
     for row in gpu_check.PROJECT_ROWS:
         assert set(row.phases) <= set(rows[row.label]), row.label
@@ -80,6 +100,18 @@ def test_every_part_runs_on_a_cpu(gpu_check, tmp_path, capsys, restore_torch_fla
     # A first pass shorter than min_warm_steps (6) is run twice in the second pass.
     assert fp32["sgd"]["warm_steps"] == 10 and fp32["sgd"]["steps_compared"] == 5 and fp32["mixed"]["warm_steps"] == 8
     assert all(parts["throughput"]["tiny"][kind]["img_per_s"] > 0 for kind in ("faithful", "fast"))
+    # Graph rows: the events simulated from the keys are the ones StepGraphs counted, and the second
+    # pass replays only. SGD, one member: its one key runs eagerly, is captured and replayed in the
+    # first pass (5 steps), then replayed 10 times; three members in lockstep: each the same.
+    for label, members in (("bf16+channels_last+graphs", 1), ("bf16+channels_last+graphs+lockstep", 3)):
+        for phase in ("sgd", "sam", "mixed"):
+            graphs = rows[label][phase]["graphs"]
+            assert graphs["events_seen"] == graphs["events_expected"] and graphs["second_pass_not_replayed"] == 0
+            assert graphs["failed"] == 0 and rows[label][phase]["members"] == members
+        assert rows[label]["sgd"]["graphs"]["counts"] == {"eager": members, "captured": members,
+                                                          "replayed": 14 * members}
+        assert rows[label]["sgd"]["steps_run"] == 5 and rows[label]["sgd"]["warm_steps"] == 10
+        assert rows[label]["sgd"]["new_sizes"] == 2 * members  # over the epoch: eager, then captured
     reference = parts["reference"]["rows"]
     assert {label for label, *_ in gpu_check.REFERENCE_ROWS} == set(reference)
     assert all(entry["how"].startswith("eager") for phases in reference.values() for entry in phases.values())
@@ -92,13 +124,18 @@ def test_every_part_runs_on_a_cpu(gpu_check, tmp_path, capsys, restore_torch_fla
                            "--out", out, "--parts", "projection"], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     text = done.stdout
+    with open(os.path.join(ROOT, "benchmarks", "gpu_check.sh")) as f:
+        limit = int(re.search(r"\[projection\]=(\d+)", f.read()).group(1))
+    assert f"=== projection (limit {2 * limit}s) ===" in text  # --quick doubles the limits
     assert text.index("=== projection") < text.index("whole Figure 7") < text.index("--cudnn settings") \
-        < text.index("project / reference") < text.index("goals (one H200")
+        < text.index("project / reference") < text.index("three members on one GPU") < text.index("goals (one H200")
+    assert "fast path SAM / bare CUDA-graph reference, 3 members (bf16+channels_last+graphs+lockstep)" in text
     assert "issue" not in text and "goal <= 60, measured" in text and "goal <= 12, measured" in text
     with open(os.path.join(out, "gpu_check.log")) as f:
         assert f.read() == text
     summary = read_json(os.path.join(out, "summary.json"))
-    assert set(summary["parts"]) == {"smoke", "throughput", "cudnn", "compile", "reference", "shared", "projection"}
+    assert set(summary["parts"]) == {"smoke", "throughput", "cudnn", "compile", "reference", "shared", "graphs",
+                                     "projection"}
 
     # The projection's arithmetic, by hand: a deep ensemble and a SharpBalance run on CIFAR-10 with
     # the defaults, members one after another (SharpBalance: 101 SAM epochs, one scoring pass, 99
@@ -121,6 +158,34 @@ def test_every_part_runs_on_a_cpu(gpu_check, tmp_path, capsys, restore_torch_fla
     sam = (3 * 200 * (45000 / torch_row["sam"]["img_per_s"] + 5000 / rate["eval"]) + 2 * per_size) / 3600
     assert projected["fp32 cudnn=torch, members one after another"]["CIFAR-10 sam"] == pytest.approx(sam, rel=1e-9)
     assert any(name.startswith("bf16+channels_last, 3 members sharing") for name in projected)
+    # Graph rows pay per graph event, per member. A deep ensemble has two keys (batches of 128 and
+    # 72): eager, captured, and captured again after each of the two lr drops: 4 events each, 8 per
+    # member, 24 per run.
+    graph_row, lockstep_row = rows["bf16+channels_last+graphs"], rows["bf16+channels_last+graphs+lockstep"]
+    lender = rows["bf16+channels_last"]
+    for row in (graph_row, lockstep_row):
+        row["per_event"] = sum(row[p]["extra_s"] for p in ("sgd", "sam", "mixed")) / sum(
+            row[p]["new_sizes_compared"] for p in ("sgd", "sam", "mixed"))
+    de = (3 * 200 * (45000 / graph_row["sgd"]["img_per_s"] + 5000 / lender["eval"]["img_per_s"])
+          + 24 * graph_row["per_event"]) / 3600
+    assert projected["bf16+channels_last+graphs, members one after another"]["CIFAR-10 deep_ensemble"] == \
+        pytest.approx(de, rel=1e-9)
+    # Three members in lockstep: each trains at a third of the aggregate; scoring and evaluation
+    # (the lender's, one member's rate) one member after another.
+    events = gpu_check.expected_graph_events(128, 45000, [(101, 1.0), (99, 0.8)], (100, 150))
+    share = {p: lockstep_row[p]["img_per_s"] / 3 for p in ("sam", "mixed")}
+    sb = (101 * 45000 / share["sam"] + 45000 / (lender["score_func"]["img_per_s"] / 3)
+          + 99 * 45000 / share["mixed"] + 200 * 5000 / (lender["eval"]["img_per_s"] / 3)
+          + 3 * events * lockstep_row["per_event"]) / 3600
+    assert projected["bf16+channels_last+graphs+lockstep, 3 members in lockstep"]["CIFAR-10 sharpbalance"] == \
+        pytest.approx(sb, rel=1e-9)
+    # A graph row whose captures failed ran eager steps: its settings and comparisons say so.
+    summary["parts"]["graphs"]["rows"]["bf16+channels_last+graphs"]["mixed"]["graphs"]["failed"] = 1
+    names = [setting["name"] for setting in gpu_check.projection_settings(summary)]
+    assert "bf16+channels_last+graphs, members one after another (a capture FAILED: eager steps)" in names
+    assert "bf16+channels_last+graphs+lockstep, 3 members in lockstep" in names
+    assert any(pair["name"].startswith("bf16+channels_last+graphs (a capture FAILED: eager steps) / ")
+               for pair in gpu_check.comparisons(summary))
 
 
 def test_epoch_estimate_by_hand(gpu_check):
@@ -169,6 +234,116 @@ def brute_force_distinct_sizes(batch, fraction, n_images, epochs, known):
 def test_expected_distinct_sizes_against_brute_force(gpu_check, batch, fraction, n_images, epochs, known):
     assert gpu_check.expected_distinct_sizes(batch, fraction, n_images, epochs, known) == pytest.approx(
         brute_force_distinct_sizes(batch, fraction, n_images, epochs, known), rel=1e-12)
+
+
+def brute_force_graph_events(batch, n_images, phases, milestones):
+    """Every combination of SAM counts over every step of the run, with its probability, each played
+    through training/graphs.py's rule: a key's first step runs eagerly, a step of a key without a
+    graph is captured, an lr drop (at the start of a milestone epoch) drops every graph."""
+    full, last = divmod(n_images, batch)
+    steps, epoch = [], 0
+    for epochs, fraction in phases:
+        for _ in range(epochs):
+            steps += [(epoch, batch, fraction)] * full + ([(epoch, last, fraction)] if last else [])
+            epoch += 1
+    expected = 0.0
+    for counts in itertools.product(*[range(size + 1) for _, size, _ in steps]):
+        probability = math.prod(math.comb(size, s) * fraction ** s * (1 - fraction) ** (size - s)
+                                for (_, size, fraction), s in zip(steps, counts))
+        warmed, graphs, events, current = set(), set(), 0, 0
+        for (epoch, size, _), s in zip(steps, counts):
+            if epoch != current:
+                current = epoch
+                if epoch in milestones:
+                    graphs.clear()
+            if (size, s) not in warmed:
+                warmed.add((size, s))
+                events += 1
+            elif (size, s) not in graphs:
+                graphs.add((size, s))
+                events += 1
+        expected += probability * events
+    return expected
+
+
+@pytest.mark.parametrize("batch, n_images, phases, milestones", [
+    (3, 4, [(1, 1.0), (2, 0.6)], (1, 2)),  # SAM, then mixed; one lr period per epoch
+    (2, 5, [(2, 0.5)], (1,)),              # mixed throughout, a drop between the epochs
+    (3, 6, [(1, 0.0), (2, 0.7)], (2,)),    # SGD, then mixed; the drop inside the mixed phase
+    (4, 4, [(3, 0.3)], ()),                # no partial batch, no drop
+])
+def test_expected_graph_events_against_brute_force(gpu_check, batch, n_images, phases, milestones):
+    assert gpu_check.expected_graph_events(batch, n_images, phases, milestones) == pytest.approx(
+        brute_force_graph_events(batch, n_images, phases, milestones), rel=1e-12)
+
+
+def test_expected_graph_events_of_the_projected_runs_by_hand(gpu_check):
+    # Deep ensemble and SAM: one key per batch size (128 and 45,000 mod 128 = 72), each eager once,
+    # captured once and again after each of the two lr drops.
+    for method in ("deep_ensemble", "sam"):
+        assert gpu_check.expected_graph_events(128, 45000, gpu_check.method_phases(method, 0.8),
+                                               gpu_check.LR_MILESTONES) == pytest.approx(8.0, abs=1e-9)
+    assert gpu_check.LR_MILESTONES == (100, 150)
+    # SharpBalance: the SAM keys (101 epochs, across the first drop: 2 + 1 each), then the mixed keys.
+    sharpbalance = gpu_check.expected_graph_events(128, 45000, gpu_check.method_phases("sharpbalance", 0.8),
+                                                   gpu_check.LR_MILESTONES)
+    assert 6 + 2 * 40 < sharpbalance < 6 + 3 * 128
+
+
+@pytest.mark.parametrize("limit", [128, 2])
+def test_graph_keys_and_events_follow_step_graphs(gpu_check, limit, capsys):
+    """graph_key and graph_events against the keys and counts of a real StepGraphs (CPU stand-in)."""
+    from models import create_model
+    from training.graphs import StepGraphs
+    from training.sam import SAM
+    torch.manual_seed(0)
+    model = create_model("resnet18", 10, width=2)
+    graphs = StepGraphs(model, SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9), "cpu",
+                        limit=limit)
+    images, targets = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    # (batch size, SAM samples) per step; SAM count 0 as an SGD step first, then as a mixed step.
+    plan = [(6, 0), (6, 0), (6, 4), (4, 4), (6, 4), (6, 4), (6, 6), (6, 2), (6, 6), (6, 2), (6, 0), (4, 4), (4, 4)]
+    keys = [gpu_check.graph_key(n, s) for n, s in plan]
+    expected = gpu_check.graph_events(graphs, keys)
+    counted = []
+    for step, (n, s) in enumerate(plan):
+        before = graphs.counts["eager"] + graphs.counts["captured"]
+        mask = np.zeros(n, dtype=bool)
+        mask[np.arange(n)[::-1][:s]] = True  # the last s rows: the gather reorders them
+        if step == 0:
+            graphs.sgd_step(images[:n], targets[:n])
+        else:
+            graphs.mixed_step(images[:n], targets[:n], mask)
+        counted.append(graphs.counts["eager"] + graphs.counts["captured"] - before)
+    assert graphs.warmed == set(keys)
+    # By hand: a new key and a key's second step cost one each (eager, captured), a replay none.
+    # Past the bound (2 graphs) a key without a graph runs eagerly at every step: StepGraphs counts
+    # those steps as eager, graph_events not as one-time costs (they are paid at every step).
+    by_hand = {128: [1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 0, 1, 0], 2: [1, 1, 1, 1, 1, 0, 1, 1, 0, 0, 0, 0, 0]}
+    assert expected == by_hand[limit]
+    past_bound = {128: [], 2: [8, 9, 11, 12]}[limit]
+    assert counted == [e + (i in past_bound) for i, e in enumerate(expected)]
+    assert ("graphs exist (the bound)" in capsys.readouterr().err) == (limit == 2)
+
+
+def test_graph_equality_finds_a_wrong_gather(gpu_check, monkeypatch, restore_torch_flags):
+    """The smoke's graph check passes on the stand-in and fails when the static buffers get the batch
+    in the wrong order (normal rows not first): the mixed step's sub-batches are then other samples."""
+    from training.graphs import StepGraphs
+    cfg = dict(gpu_check.QUICK, quick=True)
+    torch.use_deterministic_algorithms(False)
+    got = gpu_check.graph_equality(cfg, torch.device("cpu"), (), 1)
+    assert got["identical"] and got["counts"]["replayed"] > 0
+    # It ran under --cudnn deterministic and leaves the process as it found it.
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+    def plain_copy(self, key, images, targets, mask):
+        static_images, static_targets = self._static_inputs(key[1] + key[2], images, targets)
+        static_images.copy_(images)
+        static_targets.copy_(targets)
+    monkeypatch.setattr(StepGraphs, "_fill", plain_copy)
+    with pytest.raises(AssertionError, match="differ by up to .*beyond assert_close's default tolerances"):
+        gpu_check.graph_equality(cfg, torch.device("cpu"), (), 1)
 
 
 def test_bare_steps_are_sgd_and_sam(monkeypatch):
@@ -254,6 +429,9 @@ def test_script_limits_fit_six_minutes_and_unknown_part_is_one_line(tmp_path):
     parts = re.search(r'DEFAULT_PARTS="([^"]+)"', script).group(1).split()
     # Each part's Python process and the version line take a few seconds beyond the limits.
     assert sum(int(limits[part]) for part in parts) <= 330
+    # The graphs part prints its lockstep row next to the reference and shared parts' figures.
+    assert parts.index("reference") < parts.index("graphs") and parts.index("shared") < parts.index("graphs")
+    assert parts[-1] == "projection" and set(parts) | {"compile"} == set(limits)
     done = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--parts", "nonsense",
                            "--out", str(tmp_path)], capture_output=True, text=True,
                           env=dict(os.environ, PYTHON=sys.executable), timeout=60)
