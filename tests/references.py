@@ -7,6 +7,50 @@ import torch
 import torch.nn.functional as F
 
 from measure.ellipsoid import EllipsoidProjection
+from tests.fixtures import LR, MOMENTUM, WEIGHT_DECAY
+
+
+# ------------------------------------------------------------------ SGD and the loss (training/sam.py, steps.py)
+def mean_loss(model, params, images, targets):
+    """Mean cross-entropy of ``model`` evaluated with ``params`` (one tensor per parameter, in
+    ``named_parameters`` order) in place of its own."""
+    from torch.func import functional_call
+    names = [name for name, _ in model.named_parameters()]
+    return F.cross_entropy(functional_call(model, dict(zip(names, params)), (images,)), targets)
+
+
+def sgd_by_hand(params, direction, buffers=None, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY):
+    """torch.optim.SGD with momentum and coupled weight decay, written out: (new params, new
+    momentum buffers) after one step along ``direction`` (``buffers`` None: the first step)."""
+    new_params, new_buffers = [], []
+    for k, (p, g) in enumerate(zip(params, direction)):
+        d_p = g + weight_decay * p
+        buf = d_p.clone() if buffers is None else momentum * buffers[k] + d_p
+        new_params.append(p - lr * buf)
+        new_buffers.append(buf)
+    return new_params, new_buffers
+
+
+# ------------------------------------------------------------------ SharpBalance's split (training/partition.py)
+def brute_force_masks(scores, flat_ratio, rule, select):
+    """The split by set algebra on Python sets: (each member's K = floor(flat_ratio·N) flattest or
+    sharpest samples, each member's SAM set). Member i gets the union of the others' sets plus, for
+    the samples in nobody's set (in index order), every M-th from position i ("share") or all the
+    others ("boost")."""
+    m, n = scores.shape
+    k = math.floor(flat_ratio * n)
+    low_sets = []
+    for j in range(m):
+        ascending = sorted(range(n), key=lambda idx: (scores[j, idx], idx))  # stable ascending
+        low_sets.append(set(ascending[:k]) if select == "flattest" else set(ascending[n - k:]))
+    everybody = set().union(*low_sets)
+    leftovers = sorted(set(range(n)) - everybody)
+    result = []
+    for i in range(m):
+        others = set().union(*(low_sets[j] for j in range(m) if j != i))
+        own = set(leftovers[i::m])
+        result.append(others | own if rule == "share" else others | (set(leftovers) - own))
+    return low_sets, result
 
 
 # ------------------------------------------------------------------ squared gradient norms (training/scores.py)

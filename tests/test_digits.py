@@ -1,4 +1,7 @@
-"""The embedded digits dataset, its split and statistics, the corruptions and the generated digits-C."""
+"""The embedded digits dataset (data/digits.py): its images, split and statistics, the names of the
+corruptions digits-C uses, and the generated digits-C (pinned sha256, blocks = severities, distortion
+growing with severity, rebuilt only where a file is missing). The corruption functions themselves are
+in tests/test_corruptions.py."""
 import hashlib
 import os
 
@@ -35,15 +38,8 @@ def digits_c(tmp_path_factory):
     return build_digits_c(str(tmp_path_factory.mktemp("digits_root")))
 
 
-@pytest.fixture(scope="module")
-def clean_test():
-    images, labels = load_digits_images()
-    test = digits_split_indices()["test"]
-    return images[test], labels[test]
-
-
 # ------------------------------------------------------------------------------------- dataset
-def test_images_and_labels():
+def test_images_and_labels_are_sklearns_digits_scaled_to_uint8():
     from sklearn.datasets import load_digits
 
     images, labels = load_digits_images()
@@ -57,7 +53,7 @@ def test_images_and_labels():
     assert images.max() == 255 and images.min() == 0
 
 
-def test_split_sizes_order_and_disjointness():
+def test_the_split_has_its_sizes_and_order_and_no_overlap():
     split = digits_split_indices()
     assert {k: len(v) for k, v in split.items()} == {"train": 1294, "val": 143, "test": 360}
     perm = np.random.RandomState(0).permutation(1797)
@@ -79,7 +75,7 @@ def test_mean_std_constants_match_training_split():
 
 
 # --------------------------------------------------------------------------------- corruptions
-def test_corruption_names_and_subset():
+def test_corruption_names_follow_the_spec_order_and_digits_c_takes_a_subset():
     assert CORRUPTIONS == SPEC_ORDER
     assert len(DIGITS_C_CORRUPTIONS) >= 12
     positions = [CORRUPTIONS.index(name) for name in DIGITS_C_CORRUPTIONS]
@@ -87,45 +83,9 @@ def test_corruption_names_and_subset():
     assert digits_c_seed("gaussian_noise", 1) == 1 and digits_c_seed("jpeg_compression", 5) == 14005
 
 
-def test_corrupt_rejects_bad_arguments(clean_test):
-    images = clean_test[0][:4]
-    with pytest.raises(ValueError, match="gaussian_noise.*jpeg_compression"):
-        corrupt(images, "speckle_noise", 1, 0)
-    for severity in (0, 6, 2.0, True):
-        with pytest.raises(ValueError, match="1, 2, 3, 4, 5"):
-            corrupt(images, "fog", severity, 0)
-    with pytest.raises(ValueError):
-        corrupt(images.astype(np.float32), "fog", 1, 0)
-    with pytest.raises(ValueError):
-        corrupt(images[..., 0], "fog", 1, 0)
-
-
-def test_corrupt_is_deterministic_and_leaves_global_rng_alone(clean_test):
-    images = clean_test[0][:16]
-    np.random.seed(123)
-    before = np.random.get_state()[1].copy()
-    for name in CORRUPTIONS:
-        first = corrupt(images, name, 3, 7)
-        np.testing.assert_array_equal(first, corrupt(images, name, 3, 7))
-    np.testing.assert_array_equal(np.random.get_state()[1], before)
-    # seeded corruptions really use the seed
-    for name in ("gaussian_noise", "glass_blur", "snow", "frost", "fog", "elastic_transform", "pixelate"):
-        assert not np.array_equal(corrupt(images, name, 3, 7), corrupt(images, name, 3, 8)), name
-
-
-@pytest.mark.parametrize("shape", [(3, 32, 32, 3), (2, 7, 9, 3)])
-def test_corrupt_other_sizes(shape):
-    images = np.random.RandomState(1).randint(0, 256, size=shape).astype(np.uint8)
-    for name in CORRUPTIONS:
-        for severity in (1, 5):
-            out = corrupt(images, name, severity, 11)
-            assert out.shape == shape and out.dtype == np.uint8, name
-            assert not np.array_equal(out, images), (name, severity)
-
-
 # ----------------------------------------------------------------------------------- digits-C
-def test_digits_c_shapes_labels_and_pinned_content(digits_c, clean_test):
-    _, test_labels = clean_test
+def test_digits_c_has_its_shapes_labels_and_pinned_content(digits_c, digits_clean_test):
+    _, test_labels = digits_clean_test
     names = sorted(os.listdir(digits_c))
     assert names == sorted([f"{name}.npy" for name in DIGITS_C_CORRUPTIONS] + ["labels.npy"])
     labels = np.load(os.path.join(digits_c, "labels.npy"))
@@ -137,16 +97,16 @@ def test_digits_c_shapes_labels_and_pinned_content(digits_c, clean_test):
     assert digits_c_digest(digits_c) == DIGITS_C_SHA256
 
 
-def test_digits_c_blocks_are_the_severities(digits_c, clean_test):
-    clean = clean_test[0]
+def test_digits_c_blocks_are_the_severities(digits_c, digits_clean_test):
+    clean = digits_clean_test[0]
     array = np.load(os.path.join(digits_c, "contrast.npy"))
     for severity in (1, 5):
         block = array[(severity - 1) * 360:severity * 360]
         np.testing.assert_array_equal(block, corrupt(clean, "contrast", severity, digits_c_seed("contrast", severity)))
 
 
-def test_digits_c_severity_is_monotone(digits_c, clean_test):
-    clean = clean_test[0].astype(np.float64)
+def test_digits_c_severity_is_monotone(digits_c, digits_clean_test):
+    clean = digits_clean_test[0].astype(np.float64)
     for name in DIGITS_C_CORRUPTIONS:
         array = np.load(os.path.join(digits_c, name + ".npy")).astype(np.float64)
         distances = [np.abs(array[s * 360:(s + 1) * 360] - clean).mean() for s in range(5)]

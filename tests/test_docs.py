@@ -1,7 +1,8 @@
 """The documentation holds together: every relative link and #anchor in README.md, INSTALL.md,
 docs/*.md and the package READMEs reaches a file that exists and a heading that file has, README stays
 a short guide (at most 300 lines, a table of contents reaching every section, the CI's test command),
-and every long page of docs/ opens with its own table of contents.
+and every long page of docs/ opens with its own table of contents. Also: no file of the repository refers
+to a specification outside it.
 
 Anchors are computed the way GitHub renders them (a heading's text, lower-cased, punctuation dropped
 except '-' and '_', spaces turned into '-', a repeated slug numbered -1, -2, ...), so a link that
@@ -13,7 +14,7 @@ import unicodedata
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.fixtures import ROOT
 README_MAX_LINES = 300
 
 FENCE = re.compile(r"^\s*(```|~~~)")
@@ -173,7 +174,7 @@ def test_checker_finds_exactly_the_broken_links(tmp_path):
     ]
 
 
-def test_contents_check_on_hand_made_pages():
+def test_the_contents_check_finds_what_hand_made_pages_miss():
     page = "# T\n\nIntro. [One](#one) · [Two](#two)\n\n## One\n\n## Two\n\n## Three, too\n\n[Three](#three-too)\n"
     assert missing_from_contents(page) == ["Three, too"]          # linked only below the first section
     assert missing_from_contents(page.replace("· [Two](#two)", "· [Two](#two) · [3](#three-too)")) == []
@@ -223,3 +224,16 @@ def test_long_docs_pages_open_with_their_contents(path):
     with open(path, encoding="utf-8") as f:
         text = f.read()
     assert missing_from_contents(text) in (None, [])
+
+
+def test_no_reference_to_a_spec_file_outside_the_repository():
+    needle = "SPEC " + "§"
+    hits = []
+    for folder, _, files in os.walk(ROOT):
+        if "/." in folder[len(ROOT):]:
+            continue
+        for name in files:
+            if name.endswith((".py", ".md", ".sh", ".ipynb")):
+                with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as f:
+                    hits += [f"{name}:{i}" for i, line in enumerate(f, 1) if needle in line]
+    assert not hits

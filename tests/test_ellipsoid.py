@@ -1,5 +1,6 @@
 """The projections onto the perturbation sets (measure/ellipsoid.py): the certified ellipsoid
-projection against an exact float64 solution and a random search, alone and inside APGD."""
+projection against an exact float64 solution and a random search, alone and inside APGD, on a
+GPU's search (device scalars) and a CPU's (host scalars), cold and warm, at 0 and with a NaN."""
 import math
 
 import pytest
@@ -7,8 +8,8 @@ import torch
 
 from measure import ellipsoid
 from measure import sharpness as sh
+from tests.fixtures import random_batches, tiny_bn_net
 from tests.references import project_l2_ellipsoid, weighted_norm
-from tests.test_sharpness import _batches, _tiny_net
 
 
 def test_ellipsoid_projection_is_the_euclidean_projection():
@@ -130,7 +131,7 @@ def test_a_nan_in_the_vector_shows_in_the_gap(host_scalars):
 def test_ellipsoid_projection_of_every_apgd_step_matches_the_float64_solution(host_scalars):
     # In the loop each projection starts from the previous one's multiplier (on the device: 3
     # steps, 4 cold; on the host: until the certificate is at most HOST_GAP_TARGET).
-    net = _tiny_net()
+    net = tiny_bn_net()
     flat = sh.FlatModel(net)
     scale = flat.w0.abs()
     search = ellipsoid.EllipsoidProjection(scale, 0.5, host_scalars=host_scalars)
@@ -141,7 +142,7 @@ def test_ellipsoid_projection_of_every_apgd_step_matches_the_float64_solution(ho
         seen.append((v.clone(), out[0].clone(), search.take_gap().item()))
         return out
     recording.take_gap = search.take_gap
-    for x, y in _batches(2):
+    for x, y in random_batches(2):
         sh.apgd_batch(flat, x, y, 0.5, "l2", True, 20, projection=recording)
     assert len(seen) == 40
     for v, d, gap in seen:
@@ -157,13 +158,13 @@ def test_the_ellipsoid_search_reads_its_sums_on_a_cpu_only_and_both_searches_agr
     # A CPU tensor's number is in host memory: the default there is the host search (Python
     # floats, an adaptive number of passes). Both searches give the same APGD result to float32's
     # floor, on both restart rules.
-    net = _tiny_net()
+    net = tiny_bn_net()
     flat = sh.FlatModel(net)
     scale = flat.w0.abs()
     assert ellipsoid.make_projection(scale, 0.5, "l2", True).host
     assert not ellipsoid.make_projection(scale, 0.5, "l2", True, host_scalars=False).host
     for restart in sh.APGD_RESTARTS:
-        for x, y in _batches(2):
+        for x, y in random_batches(2):
             rows = [sh.apgd_batch(flat, x, y, 0.5, "l2", True, 20, restart=restart,
                                   projection=ellipsoid.make_projection(scale, 0.5, "l2", True, host_scalars=host))
                     for host in (True, False)]

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import main as main_script
-from data.arrays import BatchLoader, ImageArrayDataset
+from data.arrays import BatchLoader
 from models import create_model
+from tests.fixtures import random_image_dataset
 from tests.host_reads import count_host_reads
 from training.accel import FastPath, check_fast_path
 from training.engine import train_one_epoch
@@ -28,10 +29,7 @@ BATCH = 8
 
 @pytest.fixture(scope="module")
 def dataset():
-    rng = np.random.RandomState(0)
-    images = rng.randint(0, 256, (6 * BATCH + 5, 12, 12, 3)).astype(np.uint8)  # a last batch of 5
-    labels = rng.randint(0, 10, len(images))
-    return ImageArrayDataset(images, labels, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), augment=True)
+    return random_image_dataset(6 * BATCH + 5)  # a last batch of 5
 
 
 def member(sam=True, momentum=0.9, amp="off"):
@@ -94,7 +92,7 @@ def test_replayed_steps_equal_the_eager_steps_bit_for_bit(dataset, method):
     assert graphs.counts["replayed"] > steps // 2 and graphs.counts["captured"] >= 2 * len(graphs.graphs)
 
 
-def test_keys_first_step_eager_then_captured_then_replayed(dataset):
+def test_each_key_runs_eagerly_first_then_is_captured_then_replayed(dataset):
     model, optimizer = member()
     captured = []
 
@@ -127,7 +125,7 @@ def test_keys_first_step_eager_then_captured_then_replayed(dataset):
     assert torch.equal(static_targets, targets[torch.tensor([3, 4, 5, 6, 7, 0, 1, 2])])
 
 
-def test_sgd_keys_and_a_plain_optimizer(dataset):
+def test_sgd_steps_of_a_plain_optimizer_replay_bit_for_bit(dataset):
     model, optimizer = member(sam=False)
     graphs = StepGraphs(model, optimizer, "cpu")
     reference = member(sam=False)
@@ -141,7 +139,7 @@ def test_sgd_keys_and_a_plain_optimizer(dataset):
     assert graphs.counts == {"eager": 2, "captured": 2, "replayed": 12}
 
 
-def test_bound_on_the_number_of_graphs_says_so_once(dataset, capsys):
+def test_the_bound_on_the_number_of_graphs_is_said_once(dataset, capsys):
     model, optimizer = member()
     graphs = StepGraphs(model, optimizer, "cpu", limit=1)
     reference = member()
@@ -250,7 +248,7 @@ def test_cuda_graphs_on_a_cpu_is_one_line_and_eager_steps(tmp_path, capsys):
     (["--amp", "fp16"], "--cuda_graphs with --amp fp16: the fp16 loss scale is read on the host every step"),
     (["--compile"], "--cuda_graphs with --compile"),
 ])
-def test_graph_flag_combinations_refused_with_one_line(extra, message):
+def test_graph_flag_combinations_are_refused_with_one_line(extra, message):
     args = main_script.get_parser().parse_args(["--cuda_graphs"] + extra)
     # A CUDA device as main.py would pass it: the checks look only at its type here.
     with pytest.raises(UserError, match=message):
@@ -269,7 +267,7 @@ class FakeStream:
         self.device = torch.device("cpu")
 
 
-def test_cuda_capture_stream_choice_and_restore(monkeypatch):
+def test_cuda_capture_picks_its_stream_and_restores_the_callers(monkeypatch):
     """cuda_capture's own logic with torch.cuda stood in for: on the default stream torch.cuda.graph
     picks its side stream (stream=None), on a member's stream that stream is captured on, a replay
     returns what the recorded function returned, and a failed capture leaves the caller's stream current."""

@@ -1,4 +1,5 @@
-"""The host-read counter itself: it must see every kind of op it claims to count, and nothing else."""
+"""The test tool tests/host_reads.py (no product module): the host-read counter the loops' tests
+rely on must see every kind of op it claims to count, and nothing else."""
 import torch
 
 from tests.host_reads import count_host_reads

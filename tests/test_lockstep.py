@@ -8,18 +8,16 @@ import csv
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 import main as main_script
+from tests.fixtures import run_python, start_python
 from training.lockstep import member_streams, run_in_lockstep
 from utils.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
 TINY = ["--width", "4", "--device", "cpu", "--no_progress", "--batch_size", "256", "--data", "digits"]
 METHODS = {"deep_ensemble": [], "sam": ["--sam", "True"]}  # SharpBalance: the kill test below
 TIMINGS = ("epoch_seconds", "samples_per_second")
@@ -82,13 +80,11 @@ def test_sharpbalance_in_lockstep_killed_and_resumed_equals_sequential(tmp_path)
     epochs; each resumes from its own checkpoint."""
     args = ["--data_path", str(tmp_path / "ds"), "--epochs", "3", "--seed", "13", "17", "--sam", "True",
             "--flat_ratio", "0.5", "--initial_epochs", "0"] + TINY
-    reference = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py")] + args
-                                 + ["--save_path", str(tmp_path / "reference")], cwd=ROOT, env=ENV,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    reference = start_python(["main.py"] + args + ["--save_path", str(tmp_path / "reference")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     save = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py")] + args
-                               + ["--save_path", str(save), "--lockstep"],
-                               cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = start_python(["main.py"] + args + ["--save_path", str(save), "--lockstep"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Kill once the first member has logged its second epoch (the first after the split).
     marker = save / "seed_13" / "log.csv"
     deadline = time.time() + 240
@@ -102,9 +98,7 @@ def test_sharpbalance_in_lockstep_killed_and_resumed_equals_sequential(tmp_path)
     _, reference_errors = reference.communicate(timeout=300)
     assert reference.returncode == 0, reference_errors
 
-    resumed = subprocess.run([sys.executable, os.path.join(ROOT, "main.py")] + args
-                             + ["--save_path", str(save), "--lockstep"],
-                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    resumed = run_python(["main.py"] + args + ["--save_path", str(save), "--lockstep"])
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed after epoch" in resumed.stdout
     assert_same_runs(str(tmp_path / "reference"), str(save), (13, 17), split=True)

@@ -1,46 +1,22 @@
-"""main.py end to end: the three methods on digits, the released commands on fabricated CIFAR,
-bad input, exact resume after a real kill, torchrun with 3 gloo ranks."""
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
+"""main.py end to end: the three methods on digits, the seed README's commands on fabricated CIFAR,
+bad arguments refused with one line before any work, and the data loaded on rank 0 first.
 
+What a run does across epochs (resume, kills, divergence) is in tests/test_trainer.py, its folder's
+checks in tests/test_run_folder.py, torchrun's ranks in tests/test_distributed.py."""
+import json
+
+import numpy as np
 import pytest
 import torch
 
 import main as main_script
-from tests.fixtures import make_cifar
+import measure_sharpness
+from tests.fixtures import DE, TINY, error_line, make_cifar, run_python
+from tests.references import brute_force_masks
 from utils.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
-TINY = ["--width", "4", "--device", "cpu", "--no_progress", "--batch_size", "64"]
 
-
-def run_cli(args, cwd=ROOT, timeout=300):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py")] + args, cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def weights(path):
-    return torch.load(path, weights_only=True)["state_dict"]
-
-
-def same_weights(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.fixture(scope="module")
-def cifar_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    make_cifar(str(root), "cifar10", n_train=200, n_test=40)
-    make_cifar(str(root), "cifar100", n_train=200, n_test=40)
-    return str(root)
-
-
-def test_three_methods_on_digits(tmp_path):
+def test_the_three_methods_train_on_digits_with_their_phases(tmp_path):
     common = ["--data", "digits", "--data_path", str(tmp_path / "ds"), "--epochs", "2", "--seed", "13", "17", "27"] + TINY
     main_script.main(common + ["--save_path", str(tmp_path / "de")])
     main_script.main(common + ["--sam", "True", "--save_path", str(tmp_path / "sam")])
@@ -56,8 +32,10 @@ def test_three_methods_on_digits(tmp_path):
             assert lines[0].startswith("epoch,phase,lr,train_loss,train_acc,val_loss,val_acc")
             assert [line.split(",")[1] for line in lines[1:]] == phases
     split = torch.load(tmp_path / "sb" / "sharpbalance_split.pt", weights_only=True)
-    assert split["scores"].shape == split["sam_masks"].shape == (3, 1294)
-    assert torch.all(split["scores"] >= 0) and split["split_rule"] == "share"
+    assert split["scores"].shape == split["sam_masks"].shape == (3, 1294) and split["split_rule"] == "share"
+    # The masks are the share rule's split of the recorded scores, by set algebra (tests/references.py).
+    _, expected = brute_force_masks(split["scores"].numpy(), 0.5, "share", "flattest")
+    assert [set(np.flatnonzero(row).tolist()) for row in split["sam_masks"].numpy()] == expected
     # The SAM fraction logged in the mixed epoch is the member's share of SAM samples.
     row = (tmp_path / "sb" / "seed_17" / "log.csv").read_text().strip().splitlines()[-1].split(",")
     assert abs(float(row[8]) - float(split["sam_masks"][1].float().mean())) < 1e-4
@@ -67,25 +45,23 @@ def test_three_methods_on_digits(tmp_path):
     assert args["seeds"] == [13, 17, 27] and args["flat_ratio"] == 0.5
 
 
-def test_member_alone_equals_member_in_ensemble(tmp_path):
-    common = ["--data", "digits", "--data_path", str(tmp_path / "ds"), "--epochs", "1"] + TINY
-    main_script.main(common + ["--seed", "17", "--save_path", str(tmp_path / "alone")])
-    main_script.main(common + ["--seed", "13 17", "--save_path", str(tmp_path / "ensemble")])
-    assert same_weights(weights(tmp_path / "alone" / "seed_17" / "checkpoint.pth.tar"),
-                        weights(tmp_path / "ensemble" / "seed_17" / "checkpoint.pth.tar"))
-    assert not same_weights(weights(tmp_path / "ensemble" / "seed_13" / "checkpoint.pth.tar"),
-                            weights(tmp_path / "ensemble" / "seed_17" / "checkpoint.pth.tar"))
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    make_cifar(str(root), "cifar10", n_train=200, n_test=40)
+    make_cifar(str(root), "cifar100", n_train=200, n_test=40)
+    return str(root)
 
 
 def test_released_cifar_commands_run_verbatim(cifar_root, tmp_path):
     # The seed README's three commands, with the paths filled in and the size shrunk.
     shrink = ["--width", "4", "--epochs", "2", "--device", "cpu", "--no_progress"]
-    de = run_cli(["--data", "cifar100", "--data_path", cifar_root, "--model", "resnet18", "--seed", "13 17 27",
-                  "--save_path", str(tmp_path / "de")] + shrink)
+    de = run_python(["main.py", "--data", "cifar100", "--data_path", cifar_root, "--model", "resnet18",
+                     "--seed", "13 17 27", "--save_path", str(tmp_path / "de")] + shrink)
     assert de.returncode == 0, de.stderr
-    sb = run_cli(["--data", "cifar10", "--data_path", cifar_root, "--model", "resnet18", "--seed", "13 17 27",
-                  "--sam", "True", "--rho", "0.2", "--flat_ratio", "0.5", "--initial_epochs", "0",
-                  "--save_path", str(tmp_path / "sb")] + shrink)
+    sb = run_python(["main.py", "--data", "cifar10", "--data_path", cifar_root, "--model", "resnet18",
+                     "--seed", "13 17 27", "--sam", "True", "--rho", "0.2", "--flat_ratio", "0.5",
+                     "--initial_epochs", "0", "--save_path", str(tmp_path / "sb")] + shrink)
     assert sb.returncode == 0, sb.stderr
     assert "SharpBalance split done" in sb.stdout
     split = torch.load(tmp_path / "sb" / "sharpbalance_split.pt", weights_only=True)
@@ -104,107 +80,51 @@ def test_released_cifar_commands_run_verbatim(cifar_root, tmp_path):
     (["--sam", "maybe"], "expected True or False"),
 ])
 def test_bad_arguments_give_one_line(tmp_path, extra, message):
-    result = run_cli(["--data", "digits", "--data_path", str(tmp_path), "--save_path", str(tmp_path / "run")]
-                     + TINY + ["--epochs", "3"] + extra)
+    result = run_python(["main.py", "--data", "digits", "--data_path", str(tmp_path),
+                         "--save_path", str(tmp_path / "run")] + TINY + ["--epochs", "3"] + extra)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len([line for line in result.stderr.splitlines() if line.startswith(("error", "main.py: error"))]) == 1
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "-0.1", "--lr must be >= 0"), ("--lr", "nan", "--lr must be >= 0 (and finite), got nan"),
+    ("--momentum", "-0.9", "--momentum must be >= 0"), ("--momentum", "1.5", "--momentum must be < 1"),
+    ("--weight_decay", "-0.0005", "--weight_decay must be >= 0"), ("--rho", "inf", "--rho must be >= 0 (and finite)"),
+    ("--width", "0", "--width must be a positive integer"),
+])
+def test_impossible_values_are_one_line(tmp_path, flag, value, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        main_script.main(DE + ["--save_path", str(tmp_path / "run"), flag, value])
+    assert not (tmp_path / "run").exists()
+
+
+def test_seeds_outside_numpys_range_are_one_line(tmp_path):
+    save = tmp_path / "run"
+    line = error_line(run_python(["main.py", "--data", "digits", "--seed", "13", "-5", "--save_path", str(save)]))
+    assert line == "error: --seed -5 is out of range: seeds are integers from 0 to 4294967295 (numpy seeds each " \
+                   "member's initialisation with it)"
+    with pytest.raises(UserError, match="--seed 4294967296 is out of range"):
+        main_script.main(["--data", "digits", "--seed", str(2 ** 32), "--save_path", str(save)])
+    main_script.check_args(main_script.get_parser().parse_args(["--seed", "0", str(2 ** 32 - 1)]))
+    with pytest.raises(UserError, match="--seed -1 is out of range"):
+        measure_sharpness.main(["--dataset", "digits", "--resume", str(tmp_path), "--seed", "-1",
+                                "--save", str(tmp_path / "out")])
+    assert not save.exists()
+
+
 def test_missing_cifar_offline_is_one_line(tmp_path):
-    result = run_cli(["--data", "cifar10", "--data_path", str(tmp_path / "empty"), "--epochs", "1"] + TINY)
+    result = run_python(["main.py", "--data", "cifar10", "--data_path", str(tmp_path / "empty"), "--epochs", "1"]
+                        + TINY)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "cifar-10-batches-py" in result.stderr and "--data_path" in result.stderr
 
 
-def test_save_path_that_is_a_file(tmp_path):
-    target = tmp_path / "afile"
-    target.write_text("x")
-    with pytest.raises(UserError, match="is a file"):
-        main_script.main(["--data", "digits", "--data_path", str(tmp_path), "--epochs", "1",
-                          "--save_path", str(target)] + TINY)
-
-
-def test_resume_with_different_method_arguments_lists_them(tmp_path):
-    common = ["--data", "digits", "--data_path", str(tmp_path / "ds"), "--epochs", "1", "--seed", "13",
-              "--save_path", str(tmp_path / "run")] + TINY
-    main_script.main(common)
-    with pytest.raises(UserError, match=r"sam: False -> True; rho: 0.05 -> 0.1"):
-        main_script.main(common + ["--sam", "True", "--rho", "0.1"])
-
-
-def test_non_finite_loss_names_member_and_keeps_checkpoint(tmp_path, monkeypatch):
-    common = ["--data", "digits", "--data_path", str(tmp_path / "ds"), "--seed", "13", "--epochs", "3",
-              "--save_path", str(tmp_path / "run")] + TINY
-    import training.engine
-    real_step, calls = training.engine.sgd_step, {"n": 0}  # a deep ensemble: plain SGD steps
-
-    def step_that_diverges(*args, **kwargs):
-        # The 3rd step of epoch 2 (21 steps per epoch at batch 64) returns a NaN loss.
-        calls["n"] += 1
-        loss_sum, correct = real_step(*args, **kwargs)
-        return (float("nan") if calls["n"] == 21 + 3 else loss_sum), correct
-    monkeypatch.setattr(training.engine, "sgd_step", step_that_diverges)
-    with pytest.raises(UserError, match=r"member seed 13: loss became nan .*epoch 2.*; its checkpoint of epoch 1 is kept"):
-        main_script.main(common)
-    state = torch.load(tmp_path / "run" / "seed_13" / "checkpoint.pth.tar", weights_only=True)
-    assert state["epoch"] == 1
-
-
-def test_killed_run_resumes_bit_identical(tmp_path):
-    args = ["--data", "digits", "--data_path", str(tmp_path / "ds"), "--epochs", "4", "--seed", "13", "17",
-            "--sam", "True", "--flat_ratio", "0.5", "--initial_epochs", "1"] + TINY
-    # The reference and the run to kill at the same time, one thread each (the test's wall time on
-    # two cores; one thread gives the same numbers whatever else runs).
-    reference = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py")] + args
-                                 + ["--save_path", str(tmp_path / "reference")], cwd=ROOT, env=ENV,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    save = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py")] + args + ["--save_path", str(save)],
-                               cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Kill it for real once the second member is in its second epoch (after the first split epoch).
-    marker = save / "seed_17" / "log.csv"
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        if marker.is_file() and len(marker.read_text().strip().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    state = torch.load(save / "seed_13" / "checkpoint.pth.tar", weights_only=True)
-    assert state["epoch"] < 4, "the run finished before it could be killed"
-    _, reference_errors = reference.communicate(timeout=300)
-    assert reference.returncode == 0, reference_errors
-
-    resumed = run_cli(args + ["--save_path", str(save)])
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed after epoch" in resumed.stdout
-    for seed in (13, 17):
-        ref = torch.load(tmp_path / "reference" / f"seed_{seed}" / "checkpoint.pth.tar", weights_only=True)
-        got = torch.load(save / f"seed_{seed}" / "checkpoint.pth.tar", weights_only=True)
-        assert same_weights(ref["state_dict"], got["state_dict"])
-        assert torch.equal(ref["sam_mask"], got["sam_mask"])
-        rows = (save / f"seed_{seed}" / "log.csv").read_text().strip().splitlines()
-        assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
-
-
-def test_torchrun_three_gloo_ranks_match_single_process(tmp_path):
-    args = ["--data", "digits", "--data_path", str(tmp_path / "ds"), "--epochs", "2", "--seed", "13", "17", "27",
-            "--sam", "True", "--flat_ratio", "0.5", "--initial_epochs", "0"] + TINY
-    # both at once (one thread per process: the same numbers whatever else runs)
-    single = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py")] + args
-                              + ["--save_path", str(tmp_path / "single")], cwd=ROOT, env=ENV,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3",
-                            "--master_port=29533", os.path.join(ROOT, "main.py")] + args
-                           + ["--save_path", str(tmp_path / "multi")],
-                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    _, single_errors = single.communicate(timeout=300)
-    assert single.returncode == 0, single_errors
-    assert multi.returncode == 0, multi.stderr[-2000:]
-    a = torch.load(tmp_path / "single" / "sharpbalance_split.pt", weights_only=True)
-    b = torch.load(tmp_path / "multi" / "sharpbalance_split.pt", weights_only=True)
-    assert torch.equal(a["sam_masks"], b["sam_masks"]) and torch.allclose(a["scores"], b["scores"])
-    for seed in (13, 17, 27):
-        assert same_weights(weights(tmp_path / "single" / f"seed_{seed}" / "checkpoint.pth.tar"),
-                            weights(tmp_path / "multi" / f"seed_{seed}" / "checkpoint.pth.tar"))
+def test_datasets_load_on_rank_zero_first(monkeypatch):
+    events = []
+    monkeypatch.setattr(main_script, "barrier", lambda world_size: events.append("barrier"))
+    monkeypatch.setattr(main_script, "build_datasets", lambda *a, download, **k: events.append(f"load {download}"))
+    args = main_script.get_parser().parse_args([])
+    main_script.load_splits(args, rank=1, world_size=2)
+    main_script.load_splits(args, rank=0, world_size=2)
+    assert events == ["barrier", "load False", "load True", "barrier"]

@@ -19,7 +19,7 @@ def command(sam, flat_ratio, initial_epochs=-1):
     (True, 0.5, "sharpbalance", 4),     # initial_epochs 3: SAM on all data for epochs 0..3, then partition
     (True, 0.001, "sharpbalance", 4),
 ])
-def test_method_and_partition_epoch(sam, flat_ratio, method, epoch):
+def test_each_command_names_its_method_and_partition_epoch(sam, flat_ratio, method, epoch):
     args = command(sam, flat_ratio, initial_epochs=3)
     assert method_name(args) == method and method in METHODS
     assert partition_epoch(args) == epoch

@@ -1,5 +1,5 @@
 """The progress bars of training and scoring are redrawn every --print-freq batches and only then
-(utils/progress.py), however long a batch takes."""
+(utils/progress.py), however long a batch takes; main.py refuses a --print-freq below 1."""
 import numpy as np
 import pytest
 import torch

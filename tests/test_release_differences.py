@@ -1,7 +1,7 @@
 """Two rows of docs/differences.md (the differences from the paper and the release) that no other
 test pins on the very inputs where the project and the reference it differs from part ways. (Leftover samples
 dealt in sorted index order and ties broken by a stable sort are pinned by the brute-force split
-test in tests/test_sharpbalance.py, with tied integer scores.)"""
+test in tests/test_partition.py, with tied integer scores.)"""
 import numpy as np
 
 from measure import metrics

@@ -1,72 +1,74 @@
-"""Run folders (utils/run_folder.py and utils/checkpoint.py): resume from another run refused
-before any training, model_best never behind the checkpoint after a real SIGKILL or a full disk, the
-lock, failed first attempts, impossible flags, write failures, file permissions, --help."""
-import errno
+"""Run folders (utils/run_folder.py): what the checks do with another run's arguments, a busy, damaged,
+missing or foreign file, before any training: each case ends in the correct result, or in one ``error:``
+line and exit status 2 with nothing lost. Real processes (main.py and the measure scripts run as a user
+runs them), real kills (tests/kill_at.py), real bytes flipped inside real checkpoints.
+
+Resuming a killed run, and the trainer's part of a resume, are in tests/test_trainer.py; the atomic
+writes in tests/test_checkpoint.py."""
 import json
 import os
-import runpy
 import shutil
 import signal
 import socket
+import struct
 import subprocess
-import sys
+import time
+import zipfile
 
 import pytest
 import torch
 
 import main as main_script
-from tests.fixtures import make_cifar
-from utils import checkpoint, run_folder
-from utils.errors import MEASURE_INTERRUPTED, UserError, run_main
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--width", "4", "--device", "cpu", "--no_progress", "--batch_size", "64"]
-# The cheapest run with a split file and SAM masks: split at epoch 0, random subsets (no scoring).
-SB = ["--data", "digits", "--seed", "13", "17", "--epochs", "1", "--sam", "True", "--flat_ratio", "0.5",
-      "--initial_epochs", "-1", "--train_subset", "random"] + TINY
-DE = ["--data", "digits", "--seed", "13", "--epochs", "2"] + TINY
+import measure_diversity
+from tests.fixtures import (DE, SB, TINY, error_line, files, load_saved, make_cifar, run_python, start_python)
+from utils import run_folder
+from utils.errors import UserError
 
 
-def meta(path):
-    return torch.load(path, weights_only=True, mmap=True)
+def same(a, b):
+    """Equal nested checkpoint contents (dicts, lists, tensors, plain values)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b
 
 
-@pytest.fixture(scope="module")
-def sb_run(tmp_path_factory):
-    """A finished 2-member SharpBalance run, written under umask 027 (tests copy it before changing it)."""
-    root = tmp_path_factory.mktemp("sb")
-    old = os.umask(0o027)
-    try:
-        main_script.main(SB + ["--data_path", str(root / "ds"), "--save_path", str(root / "run")])
-    finally:
-        os.umask(old)
-    return root / "run"
+def flip_tensor_byte(path):
+    """Flip one byte inside the largest tensor of a torch.save archive, as a bad disk or copy would."""
+    with zipfile.ZipFile(path) as archive:
+        entry = max(archive.infolist(), key=lambda i: i.file_size)
+    data = bytearray(open(path, "rb").read())
+    name_length, extra_length = struct.unpack("<HH", data[entry.header_offset + 26:entry.header_offset + 30])
+    data[entry.header_offset + 30 + name_length + extra_length + 12] ^= 0x40
+    open(path, "wb").write(data)
+    return entry.filename
 
 
-def copy_run(source, target, drop_args=True):
-    shutil.copytree(source, target)
-    if drop_args:  # a --resume folder may lack args.json: the checkpoints must tell on their own
-        os.remove(target / "args.json")
-    return target
+@pytest.fixture
+def run(finished_sb_run, tmp_path):
+    """A copy of the finished SharpBalance run (tests.fixtures.SB) to damage."""
+    return shutil.copytree(finished_sb_run, tmp_path / "run")
 
 
-def test_files_follow_the_umask(sb_run):
-    # mkstemp creates 0600 files; every file of the run must be as readable as open() would make it.
-    for path in [sb_run / "args.json", sb_run / "sharpbalance_split.pt"] + \
-            [sb_run / f"seed_{s}" / name for s in (13, 17) for name in ("checkpoint.pth.tar", "model_best.pth.tar", "log.csv")]:
-        assert oct(os.stat(path).st_mode & 0o777) == oct(0o640), path
-    old = os.umask(0o077)
-    try:
-        checkpoint.atomic_write(str(sb_run.parent / "result.json"), lambda f: f.write("{}"), mode="w")
-    finally:
-        os.umask(old)
-    assert os.stat(sb_run.parent / "result.json").st_mode & 0o777 == 0o600
-    assert not list(sb_run.glob("**/.tmp_*")) and not (sb_run / ".lock").exists()
+def train(run, tmp_path, *extra):
+    main_script.main(SB + ["--data_path", str(tmp_path / "ds"), "--save_path", str(run), *extra])
 
 
+def measure(run, tmp_path, *extra):
+    measure_diversity.main(["--dataset", "digits", "--data_path", str(tmp_path / "ds"), "--resume", str(run),
+                            "--mode", "predict", "--corruptions", "none", "--device", "cpu",
+                            "--save", str(tmp_path / "out"), *extra])
+
+
+# ----------------------------------------------------------------------------- the run's arguments
 @pytest.mark.parametrize("case", ["width", "dataset", "seeds", "split_size", "method"])
-def test_resume_from_another_run_is_refused_before_training(sb_run, tmp_path, case):
-    run = copy_run(sb_run, tmp_path / "run", drop_args=case != "seeds")
+def test_resume_from_another_run_is_refused_before_training(finished_sb_run, tmp_path, case):
+    run = shutil.copytree(finished_sb_run, tmp_path / "run")
+    if case != "seeds":  # a --resume folder may lack args.json: the checkpoints must tell on their own
+        os.remove(run / "args.json")
     before = {p: os.stat(p).st_mtime_ns for p in run.glob("**/*")}
     data = ["--data_path", str(tmp_path / "ds")]
     if case == "width":  # was a 117-line size-mismatch traceback
@@ -104,77 +106,62 @@ def test_resume_from_another_run_is_refused_before_training(sb_run, tmp_path, ca
     assert not (tmp_path / "new").exists() and not (run / ".lock").exists()
 
 
-def test_resume_into_a_new_folder_continues_the_run(sb_run, tmp_path):
+def test_resume_into_a_new_folder_continues_the_run(finished_sb_run, tmp_path):
     # --resume OTHER with a fresh --save_path: OTHER's files are linked in after the checks.
-    main_script.main(SB + ["--data_path", str(tmp_path / "ds"), "--resume", str(sb_run),
+    main_script.main(SB + ["--data_path", str(tmp_path / "ds"), "--resume", str(finished_sb_run),
                            "--save_path", str(tmp_path / "new")])
     for seed in (13, 17):
         for name in ("checkpoint.pth.tar", "model_best.pth.tar", "log.csv"):
-            assert (tmp_path / "new" / f"seed_{seed}" / name).read_bytes() == (sb_run / f"seed_{seed}" / name).read_bytes()
+            assert (tmp_path / "new" / f"seed_{seed}" / name).read_bytes() == \
+                (finished_sb_run / f"seed_{seed}" / name).read_bytes()
     assert (tmp_path / "new" / "sharpbalance_split.pt").is_file() and (tmp_path / "new" / "args.json").is_file()
 
 
-def test_sigkill_between_checkpoint_and_best_is_repaired(tmp_path):
-    """A real SIGKILL after checkpoint.pth.tar of an improving epoch, before model_best.pth.tar."""
-    save = tmp_path / "run"
-    argv = DE + ["--data_path", str(tmp_path / "ds"), "--save_path", str(save)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    # Killed before the trainer's second model_best copy: epoch 2's, after its checkpoint.
-    killed = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "kill_at.py"), "training.trainer.copy_checkpoint",
-                             "2", os.path.join(ROOT, "main.py")] + argv, cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    last, best = meta(save / "seed_13" / "checkpoint.pth.tar"), meta(save / "seed_13" / "model_best.pth.tar")
-    # What a kill between the two writes leaves: the checkpoint says epoch 2 is the best, model_best holds epoch 1.
-    assert (last["epoch"], last["best_epoch"], best["epoch"]) == (2, 2, 1) and last["best_acc"] > best["best_acc"]
-    lock = json.loads((save / ".lock").read_text())
-    assert lock["pid"] != os.getpid() and lock["host"] == socket.gethostname()
-    (save / "seed_13" / ".tmp_abc.pth.tar").write_bytes(b"half a checkpoint")  # as a kill mid-write leaves
-    # Until the training command runs again, the measure scripts refuse the stale model_best.
-    from measure.loading import load_member_files
-    with pytest.raises(UserError, match="records epoch 2 as the best .*interrupted between the two writes"):
-        load_member_files([str(save / "seed_13" / "model_best.pth.tar")], "digits", torch.device("cpu"))
-
-    main_script.main(argv)  # the same command: stale lock and leftovers removed, model_best repaired
-    last, best = meta(save / "seed_13" / "checkpoint.pth.tar"), meta(save / "seed_13" / "model_best.pth.tar")
-    assert best["epoch"] == last["best_epoch"] == 2 and best["best_acc"] == last["best_acc"]
-    assert all(torch.equal(best["state_dict"][k], last["state_dict"][k]) for k in last["state_dict"])
-    assert not (save / ".lock").exists() and not list(save.glob("**/.tmp_*"))
-    rows = (save / "seed_13" / "log.csv").read_text().strip().splitlines()
-    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
-    load_member_files([str(save / "seed_13" / "model_best.pth.tar")], "digits", torch.device("cpu"))
+def test_resume_with_different_method_arguments_lists_them(tmp_path):
+    common = ["--data", "digits", "--data_path", str(tmp_path / "ds"), "--epochs", "1", "--seed", "13",
+              "--save_path", str(tmp_path / "run")] + TINY
+    main_script.main(common)
+    with pytest.raises(UserError, match=r"sam: False -> True; rho: 0.05 -> 0.1"):
+        main_script.main(common + ["--sam", "True", "--rho", "0.1"])
 
 
-def test_full_disk_keeps_the_previous_files_and_resumes(tmp_path, monkeypatch):
-    argv = DE + ["--data_path", str(tmp_path / "ds"), "--save_path", str(tmp_path / "run")]
-    seed_dir = tmp_path / "run" / "seed_13"
-    real_save, real_copy = torch.save, shutil.copyfileobj
+def test_recorded_arguments_compare_nan_equal():
+    assert run_folder.same_value(float("nan"), float("nan")) and run_folder.same_value([13, 17], (13, 17))
+    assert run_folder.argument_differences({"lr": float("nan"), "rho": 0.05}, {"lr": float("nan"), "rho": 0.1}) \
+        == ["rho: 0.05 -> 0.1"]
 
-    def save_on_full_disk(obj, f, *args, **kwargs):
-        if isinstance(obj, dict) and obj.get("epoch") == 2:
-            f.write(b"PK\x03\x04 partial")  # torch.save on a full disk fails part-way like this
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
-        return real_save(obj, f, *args, **kwargs)
-    monkeypatch.setattr(torch, "save", save_on_full_disk)
-    with pytest.raises(UserError, match=r"member seed 13, epoch 2: cannot write '.*checkpoint.pth.tar': torch.save "
-                                        r"could not write it .*MiB free there.*rerun the same command to resume"):
-        main_script.main(argv)
-    assert meta(seed_dir / "checkpoint.pth.tar")["epoch"] == 1 and not list(seed_dir.glob(".tmp_*"))
 
-    monkeypatch.setattr(torch, "save", real_save)
+@pytest.mark.parametrize("text", [b"{\"seeds\": [13, 17", b"[13, 17]", b"\xff\xfe not text"])
+def test_invalid_args_json_is_one_line_for_training_and_measuring(run, tmp_path, text):
+    (run / "args.json").write_bytes(text)
+    before = files(run)
+    for action in (train, measure):
+        with pytest.raises(UserError, match=r"args.json' (cannot be read as JSON|holds a JSON list).*delete it "
+                                            r"\(every checkpoint records the run's arguments"):
+            action(run, tmp_path)
+    assert files(run) == before
 
-    def copy_on_full_disk(source, target, *args):
-        target.write(b"PK\x03\x04 partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(shutil, "copyfileobj", copy_on_full_disk)  # the second write, model_best
-    with pytest.raises(UserError, match=r"cannot write '.*model_best.pth.tar': No space left on device"):
-        main_script.main(argv)
-    assert (meta(seed_dir / "checkpoint.pth.tar")["epoch"], meta(seed_dir / "model_best.pth.tar")["epoch"]) == (2, 1)
 
-    monkeypatch.setattr(shutil, "copyfileobj", real_copy)
-    main_script.main(argv)
-    assert meta(seed_dir / "model_best.pth.tar")["epoch"] == meta(seed_dir / "checkpoint.pth.tar")["best_epoch"] == 2
-    assert not (tmp_path / "run" / ".lock").exists()
+def test_an_invalid_args_json_is_one_line_from_the_command_line(run, tmp_path):
+    (run / "args.json").write_text("{")
+    line = error_line(run_python(["main.py"] + SB + ["--data_path", str(tmp_path / "ds"), "--save_path", str(run)]))
+    assert f"'{run}/args.json' cannot be read as JSON" in line and not (run / ".lock").exists()
+
+
+# ------------------------------------------------------------------------------------- --save_path
+def test_a_save_path_that_is_a_file_is_refused(tmp_path):
+    target = tmp_path / "afile"
+    target.write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        main_script.main(["--data", "digits", "--data_path", str(tmp_path), "--epochs", "1",
+                          "--save_path", str(target)] + TINY)
+
+
+def test_unwritable_save_path_is_one_line(tmp_path):
+    if not os.path.isdir("/sys"):
+        pytest.skip("needs /sys, a folder no user can create files in")
+    with pytest.raises(UserError, match=r"cannot create --save_path '/sys/sharpbalance_test/run'"):
+        main_script.main(DE + ["--data_path", str(tmp_path), "--save_path", "/sys/sharpbalance_test/run"])
 
 
 def test_failed_first_attempt_does_not_hold_the_folder(tmp_path):
@@ -188,34 +175,10 @@ def test_failed_first_attempt_does_not_hold_the_folder(tmp_path):
     assert not list((tmp_path / "run").glob("seed_*/*.pth.tar"))
     main_script.main(common + ["--lr", "0.1"])
     assert json.loads((tmp_path / "run" / "args.json").read_text())["lr"] == 0.1
-    assert meta(tmp_path / "run" / "seed_13" / "checkpoint.pth.tar")["epoch"] == 1
+    assert load_saved(tmp_path / "run" / "seed_13" / "checkpoint.pth.tar")["epoch"] == 1
 
 
-def test_recorded_arguments_compare_nan_equal():
-    assert run_folder.same_value(float("nan"), float("nan")) and run_folder.same_value([13, 17], (13, 17))
-    assert run_folder.argument_differences({"lr": float("nan"), "rho": 0.05}, {"lr": float("nan"), "rho": 0.1}) \
-        == ["rho: 0.05 -> 0.1"]
-
-
-@pytest.mark.parametrize("flag, value, message", [
-    ("--lr", "-0.1", "--lr must be >= 0"), ("--lr", "nan", "--lr must be >= 0 (and finite), got nan"),
-    ("--momentum", "-0.9", "--momentum must be >= 0"), ("--momentum", "1.5", "--momentum must be < 1"),
-    ("--weight_decay", "-0.0005", "--weight_decay must be >= 0"), ("--rho", "inf", "--rho must be >= 0 (and finite)"),
-    ("--width", "0", "--width must be a positive integer"),
-])
-def test_impossible_values_are_one_line(tmp_path, flag, value, message):
-    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        main_script.main(DE + ["--save_path", str(tmp_path / "run"), flag, value])
-    assert not (tmp_path / "run").exists()
-
-
-def test_unwritable_save_path_is_one_line(tmp_path):
-    if not os.path.isdir("/sys"):
-        pytest.skip("needs /sys, a folder no user can create files in")
-    with pytest.raises(UserError, match=r"cannot create --save_path '/sys/sharpbalance_test/run'"):
-        main_script.main(DE + ["--data_path", str(tmp_path), "--save_path", "/sys/sharpbalance_test/run"])
-
-
+# ---------------------------------------------------------------------------------------- the lock
 def test_lock_held_by_a_live_process_refuses_a_second_run(tmp_path):
     save = tmp_path / "run"
     save.mkdir()
@@ -237,22 +200,131 @@ def test_lock_held_by_a_live_process_refuses_a_second_run(tmp_path):
         holder.wait()
 
 
-def test_sigterm_releases_the_lock(tmp_path, monkeypatch):
-    # A scheduler's stop (or torchrun's teardown) must not leave a lock a rerun on another host
-    # could not judge.
-    import training.trainer
-
-    def terminated(self, end_epoch, progress=True):
-        os.kill(os.getpid(), signal.SIGTERM)
-    monkeypatch.setattr(training.trainer.Member, "train_until", terminated)
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(SystemExit) as info:
-        main_script.main(DE + ["--data_path", str(tmp_path), "--save_path", str(tmp_path / "run")])
-    assert info.value.code == 128 + signal.SIGTERM and not (tmp_path / "run" / ".lock").exists()
-    assert signal.getsignal(signal.SIGTERM) == before
+@pytest.mark.parametrize("text", ["", "{}", json.dumps({"host": socket.gethostname()}),
+                                  json.dumps({"host": socket.gethostname(), "pid": "123"}),
+                                  json.dumps({"host": socket.gethostname(), "pid": 0}), "[1]"])
+def test_lock_without_a_pid_is_one_line_and_kept(run, tmp_path, text):
+    (run / ".lock").write_text(text)
+    before = files(run)
+    with pytest.raises(UserError, match=r"--save_path is locked by '.*\.lock', which is empty, unreadable or "
+                                        r"names no pid .*delete that file"):
+        train(run, tmp_path)
+    assert files(run) == before
 
 
-def test_model_best_repair_rules(tmp_path):
+def test_a_lock_without_a_pid_is_one_line_from_the_command_line(run, tmp_path):
+    (run / ".lock").write_text("{}")
+    line = error_line(run_python(["main.py"] + SB + ["--data_path", str(tmp_path / "ds"), "--save_path", str(run)]))
+    assert "names no pid" in line
+
+
+def test_resume_from_a_run_that_is_training_is_refused(tmp_path):
+    """--resume A --save_path B while another process trains A: refused, naming that process."""
+    source, target = tmp_path / "a", tmp_path / "b"
+    argv = ["main.py", "--data", "digits", "--seed", "13", "--epochs", "300", "--data_path", str(tmp_path / "ds")] + TINY
+    trainer = start_python(argv + ["--save_path", str(source)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        end = time.time() + 240
+        while not (source / "seed_13" / "checkpoint.pth.tar").exists():
+            assert trainer.poll() is None and time.time() < end, "the training process did not start"
+            time.sleep(0.2)
+        result = run_python(argv + ["--resume", str(source), "--save_path", str(target)])
+        line = error_line(result)
+        assert f"--resume '{source}' is in use by pid {trainer.pid} on host {socket.gethostname()}" in line
+        assert not target.exists() and json.loads((source / ".lock").read_text())["pid"] == trainer.pid
+    finally:
+        trainer.send_signal(signal.SIGTERM)  # releases its lock
+        trainer.wait(timeout=120)
+    assert not (source / ".lock").exists()
+
+
+# ----------------------------------------------------------------------------------------- log.csv
+def test_damaged_log_lines_after_a_kill_are_set_aside_and_the_run_resumes(tmp_path):
+    """A real SIGKILL before epoch 3's checkpoint, then a line cut short and NUL bytes, as a crash while
+    appending leaves on some file systems: the rerun resumes and ends where an uninterrupted run does."""
+    argv = ["--data", "digits", "--seed", "13", "--epochs", "3", "--data_path", str(tmp_path / "ds")] + TINY
+    reference = start_python(["main.py"] + argv + ["--save_path", str(tmp_path / "reference")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    killed = run_python(["tests/kill_at.py", "training.trainer.save_checkpoint", "3", "main.py"] + argv +
+                        ["--save_path", str(tmp_path / "run")])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-2000:]
+    log = tmp_path / "run" / "seed_13" / "log.csv"
+    rows = log.read_bytes().splitlines(keepends=True)
+    assert len(rows) == 4 and rows[3].startswith(b"3,")  # epoch 3 logged, its checkpoint not written
+    garbage = [b"3,sgd,0.001,1.5\x00\x00\x00\n", b"\x00" * 40 + b"\n", b"epoch;phase\n"]
+    with open(log, "ab") as f:
+        f.write(b"".join(garbage))
+
+    resumed = run_python(["main.py"] + argv + ["--save_path", str(tmp_path / "run")])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"note: 3 line(s) of '{log}' could not be read as log rows" in resumed.stdout
+    assert log.read_bytes().splitlines()[:3] == [r.rstrip(b"\r\n") for r in rows[:3]]
+    assert [r.split(b",")[0] for r in log.read_bytes().splitlines()[1:]] == [b"1", b"2", b"3"]
+    assert (tmp_path / "run" / "seed_13" / "log.csv.damaged").read_bytes() == b"".join(garbage)
+    resumed = torch.load(tmp_path / "run" / "seed_13" / "checkpoint.pth.tar", weights_only=True)
+    reference = torch.load(tmp_path / "reference" / "seed_13" / "checkpoint.pth.tar", weights_only=True)
+    assert resumed["epoch"] == 3
+    assert all(torch.equal(resumed["state_dict"][k], reference["state_dict"][k]) for k in reference["state_dict"])
+
+
+# --------------------------------------------------------------------------------------- the split
+def test_split_missing_past_it_is_refused_and_before_it_rescored(tmp_path):
+    """Killed right after the split was saved (every member at the split epoch): without the file the
+    rerun scores the same weights and gets the same split. Once members trained on it, a missing
+    split is refused: scores of later weights would give another one."""
+    argv = ["--data", "digits", "--seed", "13", "17", "--epochs", "2", "--sam", "True", "--flat_ratio", "0.5",
+            "--initial_epochs", "0", "--score_backend", "hooks", "--data_path", str(tmp_path / "ds")] + TINY
+    a, b = tmp_path / "a", tmp_path / "b"
+    # save_checkpoint calls: seed 13 epoch 1, seed 17 epoch 1, the split
+    killed = run_python(["tests/kill_at.py", "training.trainer.save_checkpoint", "3", "--after", "main.py"] + argv +
+                        ["--save_path", str(a)])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    saved = torch.load(a / "sharpbalance_split.pt", weights_only=True)
+    shutil.copytree(a, b)
+    os.remove(b / "sharpbalance_split.pt")
+    resumed = run_python(["main.py"] + argv + ["--save_path", str(b)])
+    assert resumed.returncode == 0 and "scoring" in resumed.stdout, resumed.stderr[-2000:]
+    again = torch.load(b / "sharpbalance_split.pt", weights_only=True)
+    assert torch.equal(again["scores"], saved["scores"]) and torch.equal(again["sam_masks"], saved["sam_masks"])
+    assert torch.load(b / "seed_17" / "checkpoint.pth.tar", weights_only=True)["epoch"] == 2
+
+    os.remove(b / "sharpbalance_split.pt")
+    before = files(b)
+    line = error_line(run_python(["main.py"] + argv + ["--save_path", str(b)]))
+    assert f"'{b}/sharpbalance_split.pt' is missing, but seed_13 (epoch 2), seed_17 (epoch 2) trained past the " \
+           "split (after epoch 1)" in line and "restore the file" in line
+    assert files(b) == before
+
+
+def test_damaged_split_is_refused(run, tmp_path):
+    flip_tensor_byte(run / "sharpbalance_split.pt")
+    with pytest.raises(UserError, match=r"sharpbalance_split.pt' is damaged .*cannot be recomputed"):
+        train(run, tmp_path)
+
+
+# ---------------------------------------------------------------------------------- member folders
+def test_deleted_member_folder_is_noticed_without_args_json(run, tmp_path, capsys):
+    os.remove(run / "args.json")
+    shutil.rmtree(run / "seed_17")
+    with pytest.raises(UserError, match=rf"incomplete ensemble: '{run}' has no seed_17/ \(its members' checkpoints "
+                                        r"record seeds 13 17\)"):
+        measure(run, tmp_path)
+    measure(run, tmp_path, "--allow_incomplete")
+    meta = json.loads((tmp_path / "out" / "predict.json").read_text())["meta"]
+    assert meta["member_seeds"] == [13] and "seed_17/" in meta["incomplete_ensemble"][0]
+    # A member of another run put in its place is noticed too.
+    other = tmp_path / "other"
+    main_script.main([a if a != "17" else "27" for a in SB] + ["--data_path", str(tmp_path / "ds"),
+                                                                 "--save_path", str(other)])
+    shutil.copytree(other / "seed_27", run / "seed_27")
+    with pytest.raises(UserError, match=rf"'{run}' mixes members of different runs .*seeds 13 17.*seeds 13 27"):
+        measure(run, tmp_path)
+
+
+# -------------------------------------------------------------------------------------- model_best
+def test_a_stale_model_best_is_relinked_and_a_replaced_one_refused(tmp_path):
     """Fabricated checkpoints: a stale best is re-linked when the checkpoint is the best epoch; a best
     that disagrees otherwise was replaced outside training and is refused."""
     seed_dir = tmp_path / "seed_13"
@@ -269,90 +341,42 @@ def test_model_best_repair_rules(tmp_path):
         run_folder.repair_best(str(tmp_path))
 
 
-def test_datasets_load_on_rank_zero_first(monkeypatch):
-    events = []
-    monkeypatch.setattr(main_script, "barrier", lambda world_size: events.append("barrier"))
-    monkeypatch.setattr(main_script, "build_datasets", lambda *a, download, **k: events.append(f"load {download}"))
-    args = main_script.get_parser().parse_args([])
-    main_script.load_splits(args, rank=1, world_size=2)
-    main_script.load_splits(args, rank=0, world_size=2)
-    assert events == ["barrier", "load False", "load True", "barrier"]
+def test_model_best_of_another_member_is_refused(run, tmp_path):
+    shutil.copyfile(run / "seed_17" / "model_best.pth.tar", run / "seed_13" / "model_best.pth.tar")
+    before = files(run)
+    expected = rf"'{run}/seed_13/model_best.pth.tar' is a file of member seed 17 .*replaced outside training"
+    with pytest.raises(UserError, match=expected):
+        train(run, tmp_path)
+    with pytest.raises(UserError, match=expected):  # into a new folder: refused before anything is copied
+        train(tmp_path / "new", tmp_path, "--resume", str(run))
+    with pytest.raises(UserError, match=r"seed_13/model_best.pth.tar' holds member seed 17, not the member of its "
+                                        r"folder seed_13"):
+        measure(run, tmp_path)
+    assert files(run) == before and not (tmp_path / "new").exists()
+    # A checkpoint in another member's folder is refused too.
+    with pytest.raises(UserError, match="seed_13/checkpoint.pth.tar. holds member seed 17, not the member of its folder seed_13"):
+        shutil.copyfile(run / "seed_17" / "checkpoint.pth.tar", run / "seed_13" / "checkpoint.pth.tar")
+        train(run, tmp_path)
 
 
-@pytest.mark.parametrize("script", ["measure_diversity.py", "measure_diversity_variance.py", "measure_sharpness.py"])
-def test_ctrl_c_in_a_measure_script_gives_no_training_hint(script, monkeypatch, capsys, tmp_path):
-    import measure.cli
-
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(measure.cli, "parse_modes", interrupt)
-    monkeypatch.setattr(sys, "argv", [script, "--resume", str(tmp_path)])
-    with pytest.raises(SystemExit) as info:
-        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
-    err = capsys.readouterr().err.strip()
-    assert info.value.code == 130 and err.startswith("interrupted:") and "\n" not in err
-    assert "to resume" not in err
-
-
-def test_run_main_lines(capsys):
-    def full_disk(argv):
-        raise OSError(errno.ENOSPC, "No space left on device", "/data/log.csv")
-
-    def ctrl_c(argv):
-        raise KeyboardInterrupt
-    for main, code, text in [(full_disk, 2, "error: [Errno 28] No space left on device: '/data/log.csv'"),
-                             (ctrl_c, 130, MEASURE_INTERRUPTED)]:
-        with pytest.raises(SystemExit) as info:
-            run_main(main, [], interrupted=MEASURE_INTERRUPTED)
-        err = capsys.readouterr().err
-        assert info.value.code == code and err.startswith(text) and err.count("\n") == 1
-
-
-def test_help_shows_every_default():
-    import argparse
-    import measure_diversity
-    import measure_diversity_variance
-    import measure_sharpness
-    for module in (main_script, measure_diversity, measure_diversity_variance, measure_sharpness):
-        parser = module.get_parser()
-        # ArgumentDefaultsHelpFormatter adds "(default: ...)" only to flags that have help text.
-        missing = [a.option_strings for a in parser._actions if a.help in (None, argparse.SUPPRESS)]
-        assert not missing, (module.__name__, missing)
-    text = " ".join(main_script.get_parser().format_help().split())
-    for default in ("--epochs EPOCHS training epochs per member (default: 200)", "(default: 0.1)",
-                    "(default: 128)", "(default: 0.9)", "(default: 0.0005)", "(default: 500)"):
-        assert default in text
-
-
-def test_no_reference_to_a_spec_file_outside_the_repository():
-    needle = "SPEC " + "§"
-    hits = []
-    for folder, _, files in os.walk(ROOT):
-        if "/." in folder[len(ROOT):]:
-            continue
-        for name in files:
-            if name.endswith((".py", ".md", ".sh", ".ipynb")):
-                with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as f:
-                    hits += [f"{name}:{i}" for i, line in enumerate(f, 1) if needle in line]
-    assert not hits
-
-
-def test_tiny_run_from_before_the_shortcut_scales_is_told_which_flag_resumes_it(tmp_path, capsys):
-    # A Tiny-ImageNet run trained without the shortcut scales by code that did not record the flag
-    # (the scales became the default later): resuming with the new default must say what to pass.
-    from tests.fixtures import make_tiny_imagenet
-    tiny_dir, _ = make_tiny_imagenet(str(tmp_path / "data"), num_classes=3, train_per_class=4, val_per_class=2)
-    run = tmp_path / "run"
-    command = ["--data", "tiny_imgnet", "--data_path", tiny_dir, "--seed", "13", "--epochs", "1",
-               "--save_path", str(run)] + TINY
-    main_script.main(command + ["--shortcut_scale", "False"])
+# ----------------------------------------------------------------------------------- damaged bytes
+def test_damaged_checkpoint_is_refused_and_the_advice_works(run, tmp_path):
     path = run / "seed_13" / "checkpoint.pth.tar"
-    state = torch.load(path, weights_only=True)
-    state["run_args"].pop("shortcut_scale")
-    state.pop("shortcut_scale", None)
-    torch.save(state, path)
-    args = json.loads((run / "args.json").read_text())
-    args.pop("shortcut_scale")
-    (run / "args.json").write_text(json.dumps(args))
-    with pytest.raises(UserError, match="trained with --shortcut_scale False: pass that flag"):
-        main_script.main(command)
+    original = torch.load(path, weights_only=True)
+    entry = flip_tensor_byte(path)
+    # torch itself loads the damaged file without a word, with other numbers: the check is needed.
+    assert not same(torch.load(path, weights_only=True), original)
+    before = files(run)
+    line = error_line(run_python(["main.py"] + SB + ["--data_path", str(tmp_path / "ds"), "--save_path", str(run)]))
+    assert line == (f"error: '{path}' is damaged (entry '{entry}' fails its CRC check: the bytes changed after the "
+                    f"file was written); restore it from a backup, or copy '{run}/seed_13/model_best.pth.tar' over it "
+                    "to resume from the best epoch, or delete it to train this member afresh")
+    with pytest.raises(UserError, match="checkpoint.pth.tar' is damaged"):
+        measure(run, tmp_path, "--checkpoint", "last")
+    assert files(run) == before
+    shutil.copyfile(run / "seed_13" / "model_best.pth.tar", path)  # the advice
+    train(run, tmp_path)
+    measure(run, tmp_path, "--checkpoint", "last")
+    flip_tensor_byte(run / "seed_17" / "model_best.pth.tar")
+    with pytest.raises(UserError, match=r"seed_17/model_best.pth.tar' is damaged .*--checkpoint last"):
+        measure(run, tmp_path)

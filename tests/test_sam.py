@@ -1,59 +1,16 @@
-"""The SAM optimizer (training/sam.py), against hand computations with plain autograd.
-
-The helpers here (tiny models, SGD written out) are shared with tests/test_steps.py."""
+"""The SAM optimizer (training/sam.py), against hand computations with plain autograd: the
+perturbation (plain and adaptive, whatever the loss scale), two full steps, the closure form and a
+state-dict round trip."""
 import copy
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call
 
+from tests.fixtures import LR, RHO, assert_params, batch, current, make_sam, mlp
+from tests.references import mean_loss, sgd_by_hand
 from training.sam import SAM
 from training.steps import mixed_step
-
-LR, MOMENTUM, WEIGHT_DECAY, RHO = 0.1, 0.9, 5e-4, 0.2
-
-
-def mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4))
-
-
-def make_sam(model, rho=RHO, **kwargs):
-    return SAM(model.parameters(), torch.optim.SGD, rho=rho, lr=LR, momentum=MOMENTUM,
-               weight_decay=WEIGHT_DECAY, **kwargs)
-
-
-def batch(size=10, shape=(3, 2, 2), seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(size, *shape, generator=generator), torch.randint(0, 4, (size,), generator=generator)
-
-
-def mean_loss(model, params, images, targets):
-    names = [name for name, _ in model.named_parameters()]
-    return F.cross_entropy(functional_call(model, dict(zip(names, params)), (images,)), targets)
-
-
-def sgd_by_hand(params, direction, buffers=None):
-    """torch.optim.SGD with momentum and coupled weight decay, written out."""
-    new_params, new_buffers = [], []
-    for k, (p, g) in enumerate(zip(params, direction)):
-        d_p = g + WEIGHT_DECAY * p
-        buf = d_p.clone() if buffers is None else MOMENTUM * buffers[k] + d_p
-        new_params.append(p - LR * buf)
-        new_buffers.append(buf)
-    return new_params, new_buffers
-
-
-def current(model):
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def assert_params(model, expected):
-    for p, e in zip(model.parameters(), expected):
-        torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-7)
-
 
 # --------------------------------------------------------------------------- SAM optimizer
 
@@ -77,7 +34,7 @@ def test_first_step_perturbs_by_rho_times_unit_global_gradient():
     assert_params(model, theta)
 
 
-def test_adaptive_perturbation():
+def test_adaptive_perturbation_scales_the_gradient_by_the_squared_weights():
     model = mlp()
     optimizer = make_sam(model, adaptive=True)
     images, targets = batch()
@@ -88,6 +45,19 @@ def test_adaptive_perturbation():
     optimizer.first_step()
     for p, p0, g in zip(model.parameters(), theta, grads):
         torch.testing.assert_close(p.detach(), p0 + RHO * p0.pow(2) * g / scaled_norm)
+
+
+def test_perturbation_is_invariant_to_the_loss_scale():
+    results = []
+    for scale in (1.0, 2.0 ** 16):
+        model = mlp(hidden=16)
+        optimizer = SAM(model.parameters(), torch.optim.SGD, rho=0.2, lr=0.1)
+        images, targets = batch(seed=3)
+        (F.cross_entropy(model(images), targets) * scale).backward()
+        optimizer.first_step()
+        results.append(current(model))
+    for p, q in zip(*results):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
 def test_two_sam_steps_match_hand_computation():

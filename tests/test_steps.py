@@ -1,5 +1,6 @@
 """The training steps (training/steps.py): plain SGD against torch's own loop, the mixed step
-against hand computations with plain autograd, BatchNorm statistics against a replay by hand."""
+against hand computations with plain autograd, BatchNorm statistics against a replay by hand, and
+both steps under an fp16 loss scale (an overflow skips the whole step, SAM's perturbation included)."""
 import copy
 
 import pytest
@@ -7,8 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.test_sam import (LR, MOMENTUM, RHO, WEIGHT_DECAY, assert_params, batch, current, make_sam, mean_loss, mlp,
-                            sgd_by_hand)
+from tests.fixtures import (LR, MOMENTUM, RHO, WEIGHT_DECAY, assert_params, batch, current, fp16_sam_member, make_sam,
+                            mlp)
+from tests.references import mean_loss, sgd_by_hand
 from training.steps import frozen_batchnorm_statistics, mixed_step, sgd_step, sub_batches
 
 
@@ -86,6 +88,37 @@ def test_sgd_step_with_an_fp16_loss_scale_skips_an_overflow_and_steps_otherwise(
             assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
             assert_params(model, current(unscaled))
             assert scaler.get_scale() == init_scale
+
+
+@pytest.mark.parametrize("mask", [[False] * 10, [True] * 10, [True, False] * 5])
+def test_fp16_overflow_skips_the_step_and_keeps_theta(mask):
+    model, optimizer, fast = fp16_sam_member(init_scale=2.0 ** 40)  # scaled gradients overflow fp16
+    before = current(model)
+    images, targets = batch(seed=1)
+    mixed_step(model, optimizer, images, targets, torch.tensor(mask), scaler=fast.scaler)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # SAM's θ+e undone too
+    assert not optimizer.base_optimizer.state  # no momentum taken from a skipped step
+    assert fast.scaler.get_scale() == 2.0 ** 39  # backed off
+
+
+def test_fp16_overflow_in_the_clean_sam_pass_alone_skips_the_step():
+    """The clean pass only sets e; its overflow must still reach the scaler."""
+    def run(blow_up_clean_pass):
+        calls = []
+
+        def criterion(logits, targets):
+            calls.append(1)
+            loss = F.cross_entropy(logits, targets)
+            # Call 2 is the SAM sub-batch's clean pass (1: normal sub-batch, 3: perturbed pass).
+            return loss * 1e38 if blow_up_clean_pass and len(calls) == 2 else loss
+        model, optimizer, fast = fp16_sam_member(init_scale=2.0 ** 8)
+        before = current(model)
+        mask = torch.tensor([True] + [False] * 9)
+        mixed_step(model, optimizer, *batch(seed=2), mask, criterion=criterion, scaler=fast.scaler)
+        changed = not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        return changed, fast.scaler.get_scale()
+    assert run(False) == (True, 2.0 ** 8)
+    assert run(True) == (False, 2.0 ** 7)
 
 
 def test_an_empty_batch_is_no_step():

@@ -258,7 +258,7 @@ def test_sam_sharpness_lies_between_theorem1_bounds(pool, rho):
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("k, rho", [(5, 0.4), (5, 1.0), (1, 0.4), (15, 0.4)])
-def test_sharpbalance_diversity_and_sharpness_bound_against_simulation(pool, k, rho):
+def test_sharpbalance_diversity_and_sharpness_bound_agree_with_simulation(pool, k, rho):
     w_hat, datasets = pool
     w_hat_norm = np.linalg.norm(w_hat)
     result = theory.simulate_sharpbalance(datasets, w_hat, k=k, eta=ETA, rho=rho, rho0=RHO0,
@@ -270,7 +270,7 @@ def test_sharpbalance_diversity_and_sharpness_bound_against_simulation(pool, k, 
 
 
 @pytest.mark.parametrize("k, rho", [(5, 0.4), (1, 0.4), (15, 0.4), (3, 1.5)])
-def test_sharpbalance_gradient_moment_closed_forms_against_monte_carlo(pool, k, rho):
+def test_sharpbalance_gradient_moment_closed_forms_agree_with_monte_carlo(pool, k, rho):
     # E‖B e‖² with e = −(1/s)Σ_i P_i^k ŵ: the free-probability grouping reproduces it; the
     # paper's grouping overestimates it (by 2–5% here), so its sharpness bound stays an upper bound.
     w_hat, datasets = pool

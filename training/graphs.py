@@ -17,7 +17,7 @@ What a capture needs, and how ``StepGraphs`` meets it:
   exactly the eager step's code (``steps.sgd_step``, ``steps.mixed_update``) on its slices, so
   BatchNorm sees each sub-batch's own statistics and updates its running statistics as in the eager
   step.
-* No host reads inside the step: the steps have none (tests/test_sync_free.py).
+* No host reads inside the step: the steps have none (tests/test_engine.py).
 * Whatever outlives the step exists before the capture. The first step of each key runs eagerly:
   it creates SGD's momentum buffers, initialises the CUDA libraries and lets cuDNN choose (with
   ``cudnn.benchmark``, time) its kernels for these shapes, none of which may happen during a

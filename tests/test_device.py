@@ -1,5 +1,6 @@
-"""--cudnn: each setting sets exactly the torch flags it names, main.py and the measure scripts
-apply it, args.json records it and a resume with another setting is refused with one line."""
+"""Devices (utils/device.py): --cudnn sets exactly the torch flags each setting names, main.py and the
+measure scripts apply it, args.json records it and a resume with another setting is refused with one
+line; torchrun's ranks map round robin onto the visible GPUs."""
 import json
 import os
 import re
@@ -13,10 +14,8 @@ import main as main_script
 import measure_diversity
 import measure_diversity_variance
 import measure_sharpness
-from utils.device import CUBLAS_WORKSPACE_ENV, apply_cudnn
+from utils.device import CUBLAS_WORKSPACE_ENV, apply_cudnn, select_device
 from utils.errors import UserError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Written out here, apart from utils/device.py: (cudnn.benchmark, cudnn.deterministic,
 # torch.use_deterministic_algorithms). "released" is what the authors' main.py set; "torch" is what a
@@ -108,6 +107,15 @@ def test_main_and_measure_scripts_apply_it_and_a_resume_must_match(tmp_path, res
                             str(tmp_path / "run"), "--device", "cpu", "--cudnn", "deterministic",
                             "--mode", "predict", "--save", str(tmp_path / "measure")])
     assert torch_flags() == EXPECTED["deterministic"]
+
+
+def test_ranks_map_round_robin_onto_the_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert [select_device("auto", local_rank=r).index for r in range(3)] == [0, 0, 0]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [select_device("cuda", local_rank=r).index for r in range(3)] == [0, 1, 0]
+    assert [select_device("cuda:1", local_rank=r).index for r in range(3)] == [1, 1, 1]
 
 
 def test_cpu_name_reads_family_model_and_vector_width(tmp_path):

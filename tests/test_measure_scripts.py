@@ -1,53 +1,33 @@
 """measure_diversity.py, measure_diversity_variance.py and measure_sharpness.py end to end.
 
+One file for the three scripts: most tests run two or three of them on the same fabricated data (a
+module fixture), and the scripts are thin entries over the measure/ package, whose checks they share
+(measure/cli.py, inputs.py, loading.py, result_files.py have no test file of their own: they are
+tested here, through the scripts, as a user meets them).
+
 Fabricated CIFAR-10 + CIFAR-10-C and Tiny-ImageNet(-C) files (tests/fixtures.py) with checkpoints
 written in main.py's format, and digits/digits-C with checkpoints trained by main.py itself.
 """
 import csv
 import json
 import os
-import subprocess
-import sys
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+import main as main_script
 import measure_diversity
 import measure_diversity_variance
 import measure_sharpness
-from fixtures import make_cifar, make_cifar_c, make_tiny_imagenet
+from data import build_datasets
+from measure import cli, forward, inputs, loading, metrics, result_files
 from models import create_model
-from measure import forward, inputs, loading, metrics, result_files
-from tests.references import logit_variance
+from tests.fixtures import make_cifar, make_cifar_c, make_run, make_tiny_imagenet, run_python, save_member
+from tests.references import logit_variance, loop_squared_grad_norms
 from utils.checkpoint import save_checkpoint
-from utils.errors import UserError, run_main
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEEDS = (13, 17)
-
-
-def save_member(path, seed, width=2, num_classes=10, dataset="cifar10", model="resnet18", with_meta=True):
-    torch.manual_seed(seed)
-    net = create_model(model, num_classes, width=width, dataset=dataset)
-    with torch.no_grad():  # spread the BatchNorm statistics so members really differ
-        for name, buf in net.named_buffers():
-            if name.endswith("running_var"):
-                buf.uniform_(0.5, 2.0)
-    state = {"state_dict": net.state_dict()}
-    if with_meta:
-        state.update(epoch=1, best_acc=0.1, seed=seed, model=model, width=width, dataset=dataset,
-                     num_classes=num_classes)
-    save_checkpoint(state, path)
-    return path
-
-
-def make_run(directory, dataset="cifar10", num_classes=10, seeds=SEEDS, width=2):
-    for seed in seeds:
-        for name in ("model_best.pth.tar", "checkpoint.pth.tar"):
-            save_member(os.path.join(directory, f"seed_{seed}", name), seed, width=width,
-                        num_classes=num_classes, dataset=dataset)
-    return str(directory)
+from utils.errors import run_main
 
 
 @pytest.fixture(scope="module")
@@ -64,19 +44,13 @@ def _load(path):
         return json.load(f)
 
 
-def _run_script(script, args, cwd=ROOT):
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # as conftest does in-process
-    return subprocess.run([sys.executable, script] + args, cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env=env)
-
-
 def test_readme_commands_run_verbatim(cifar, tmp_path):
     data, run = cifar
     save = str(tmp_path / "out")
     commands = [("measure_diversity.py", "disagreement"), ("measure_diversity_variance.py", "variance_mse_c"),
                 ("measure_sharpness.py", "APGD_worst")]
     for script, mode in commands:
-        result = _run_script(script, ["--dataset", "cifar10", "--data_path", data, "--model", "resnet18",
+        result = run_python([script, "--dataset", "cifar10", "--data_path", data, "--model", "resnet18",
                                       "--resume", run, "--mode", mode, "--save", save])
         assert result.returncode == 0, result.stderr[-2000:]
     dis = _load(os.path.join(save, "disagreement.json"))
@@ -86,13 +60,12 @@ def test_readme_commands_run_verbatim(cifar, tmp_path):
     assert dis["meta"]["checkpoints"][0].endswith(os.path.join("seed_13", "model_best.pth.tar"))
     assert {"torch", "numpy", "python"} <= set(dis["meta"]["versions"])
     var = _load(os.path.join(save, "variance_mse_c.json"))
-    assert var["variance_unbias"] > 0 and var["n"] == 15 * 5 * 24
+    assert var["n"] == 15 * 5 * 24  # every cell of CIFAR-10-C (its values: test_variance_streams_to_the_direct_value)
     sharp = _load(os.path.join(save, "APGD_worst.json"))
     assert sharp["meta"]["rho"] == [0.5] and sharp["meta"]["batch_size"] == 5
     assert sharp["meta"]["apgd_checkpoints"] == [5, 9, 12, 15, 16, 18, 19]
     for member in sharp["individual_sharpness"]:
         assert set(member) == {"l2_0.5", "linf_0.5"}
-        assert all(v["sharpness"] >= 0 for v in member.values())
     assert not [f for f in os.listdir(save) if f.endswith((".pkl", ".pickle"))]
 
 
@@ -111,7 +84,6 @@ def test_predict_agrees_with_a_direct_computation(cifar, tmp_path, monkeypatch):
     assert calls == [2] * (2 + 75)  # one pass per split for all three modes and both members
 
     predict = _load(os.path.join(save, "predict.json"))
-    from data import build_datasets
     test = build_datasets("cifar10", data).test
     logits = []
     for path in predict["meta"]["checkpoints"]:
@@ -180,12 +152,11 @@ def test_variance_streams_to_the_direct_value(cifar, tmp_path):
     assert var["variance_unbias"] == pytest.approx(logit_variance(test_logits), rel=1e-5)
 
 
-def test_digits_with_checkpoints_from_main(tmp_path, capsys):
-    import main as train_main
+def test_the_scripts_measure_digits_members_trained_by_main(tmp_path, capsys):
     data, run, save = str(tmp_path / "data"), str(tmp_path / "run"), str(tmp_path / "out")
-    train_main.main(["--data", "digits", "--data_path", data, "--model", "resnet18", "--width", "4", "--epochs", "1",
+    main_script.main(["--data", "digits", "--data_path", data, "--model", "resnet18", "--width", "4", "--epochs", "1",
                      "--seed", "13", "17", "--save_path", run, "--device", "cpu", "--no_progress"])
-    train_main.main(["--data", "digits", "--data_path", data, "--seed", "13", "17", "--save_path", run,
+    main_script.main(["--data", "digits", "--data_path", data, "--seed", "13", "17", "--save_path", run,
                      "--device", "cpu", "--evaluate"])  # main.py --evaluate goes through ensemble_summary
     printed = capsys.readouterr().out
     assert "test: ensemble acc" in printed and "val : ensemble acc" in printed
@@ -202,17 +173,30 @@ def test_digits_with_checkpoints_from_main(tmp_path, capsys):
     assert predict["meta"]["checkpoints"][1].endswith(os.path.join("seed_17", "checkpoint.pth.tar"))
     assert predict["meta"]["member_seeds"] == [13, 17] and predict["meta"]["width"] == 4
     assert predict["test"]["n"] == 360 and len(predict["corruptions"]["cells"]) == 75
-    assert _load(os.path.join(save, "variance_mse_c.json"))["variance_unbias"] >= 0
+    assert _load(os.path.join(save, "variance_mse_c.json"))["n"] == 75 * 360  # 15 corruptions x 5 severities
     worst = _load(os.path.join(save, "APGD_worst.json"))
     average = _load(os.path.join(save, "APGD_average.json"))
     assert set(worst["mean_sharpness"]) == {"l2_0.1", "l2_0.5"}
     assert worst["meta"]["sample_indices"] == average["meta"]["sample_indices"]
     assert len(worst["meta"]["sample_indices"]) == 10
+    # fisher: each member's mean squared gradient norm over the measured training samples, one plain
+    # backward pass per sample on images standardised here (tests/references.py)
     fisher = _load(os.path.join(save, "fisher.json"))
-    assert len(fisher["individual_fisher"]) == 2 and all(v > 0 for v in fisher["individual_fisher"])
+    train = build_datasets("digits", data).train_eval
+    chosen = fisher["meta"]["sample_indices"]
+    assert chosen == worst["meta"]["sample_indices"]
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (train.mean, train.std))
+    images = (torch.from_numpy(train.images[chosen]).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    samples = [(images, torch.from_numpy(train.labels[chosen]), torch.arange(len(chosen)))]
+    assert len(fisher["individual_fisher"]) == 2
+    for path, value in zip(fisher["meta"]["checkpoints"], fisher["individual_fisher"]):
+        net = create_model("resnet18", 10, width=4, dataset="digits")
+        net.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
+        expected = loop_squared_grad_norms(net, samples, num_samples=len(chosen)).double().mean().item()
+        assert value == pytest.approx(expected, rel=1e-4)
 
 
-def test_tiny_imagenet_variance_predict_and_sharpness(tmp_path):
+def test_the_scripts_measure_tiny_imagenet_and_its_corruptions(tmp_path):
     root = str(tmp_path)
     make_tiny_imagenet(root, num_classes=3, train_per_class=4, val_per_class=2, with_c=True)
     run = make_run(tmp_path / "run", dataset="tiny_imgnet", num_classes=200)
@@ -222,7 +206,7 @@ def test_tiny_imagenet_variance_predict_and_sharpness(tmp_path):
     measure_diversity.main(common + ["--mode", "predict", "--corruptions", "fog"])
     measure_sharpness.main(common + ["--mode", "fisher", "--batch-num", "2", "--eval-batch-size", "2"])
     var = _load(os.path.join(root, "out", "variance_mse_c.json"))
-    assert var["n"] == 75 * 3 and var["variance_unbias"] > 0
+    assert var["n"] == 75 * 3  # 15 corruptions x 5 severities x one image of each of the 3 classes
     predict = _load(os.path.join(root, "out", "predict.json"))
     assert predict["test"]["n"] == 6 and len(predict["corruptions"]["cells"]) == 5
 
@@ -276,24 +260,13 @@ def test_bad_inputs_give_one_clear_line(cifar, tmp_path, capsys):
         assert os.path.join("CIFAR-10-C", "shot_noise.npy") in line
 
 
-def test_bad_input_exit_status_from_the_command_line(cifar, tmp_path):
+def test_bad_input_exits_with_status_2_from_the_command_line(cifar, tmp_path):
     data, run = cifar
-    result = _run_script("measure_diversity.py", ["--dataset", "cifar10", "--data_path", data, "--resume", run,
+    result = run_python(["measure_diversity.py", "--dataset", "cifar10", "--data_path", data, "--resume", run,
                                                   "--mode", "predcit", "--save", str(tmp_path)])
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: unknown mode 'predcit'; valid modes: predict, disagreement, KL"]
-
-
-def test_run_directory_discovery(tmp_path):
-    run = make_run(tmp_path / "run", seeds=(27, 13, 113))
-    found = loading.find_member_checkpoints([run], "best")
-    assert [os.path.basename(os.path.dirname(p)) for p in found] == ["seed_13", "seed_27", "seed_113"]
-    assert loading.find_member_checkpoints([os.path.join(run, "seed_27")], "last")[0].endswith(
-        os.path.join("seed_27", "checkpoint.pth.tar"))
-    os.remove(os.path.join(run, "seed_27", "model_best.pth.tar"))
-    with pytest.raises(UserError, match="--checkpoint last"):
-        loading.find_member_checkpoints([run], "best")
 
 
 # ----------------------------------------------------- checked before the long passes
@@ -381,7 +354,6 @@ def _without_run_details(payload):
                                            (measure_diversity_variance, "variance_mse_c,variance_mse")])
 def test_interrupted_measurement_keeps_and_resumes_finished_splits(cifar, tmp_path, capsys, monkeypatch, script,
                                                                     modes):
-    from measure import cli
     data, run = cifar
     argv = ["--dataset", "cifar10", "--data_path", data, "--resume", run, "--device", "cpu", "--mode", modes,
             "--corruptions", "fog,snow"]
@@ -414,7 +386,6 @@ def test_interrupted_measurement_keeps_and_resumes_finished_splits(cifar, tmp_pa
 
 
 def test_changed_input_file_is_measured_again(cifar, tmp_path, monkeypatch):
-    import shutil
     data, run = str(tmp_path / "data"), cifar[1]
     shutil.copytree(cifar[0], data)
     save = str(tmp_path / "out")
@@ -497,3 +468,57 @@ def test_member_stopped_early_is_refused_unless_allowed(cifar, tmp_path, capsys)
     capsys.readouterr()
     line = _error_line(capsys, measure_diversity.main, files)
     assert f"incomplete ensemble: seed 17 stopped after epoch 2 of 6 ({tmp_path})" in line
+
+
+# ---------------------------------------------------------- measure_sharpness.py's records and notes
+def test_measure_sharpness_records_the_restart(tmp_path):
+    torch.manual_seed(0)
+    member = tmp_path / "member.pth.tar"
+    torch.save({"state_dict": create_model("resnet18", 10, width=4).state_dict(), "model": "resnet18",
+                "width": 4, "dataset": "digits", "num_classes": 10}, member)
+    common = ["--dataset", "digits", "--resume", str(member), "--mode", "APGD_worst", "--batch-num", "1",
+              "--eval-batch-size", "2", "--n_iters", "3", "--norm", "l2", "--device", "cpu"]
+    assert measure_sharpness.get_parser().parse_args(common).apgd_restart == "release"
+    measure_sharpness.main(common + ["--apgd_restart", "worst", "--save", str(tmp_path / "out")])
+    result = json.loads((tmp_path / "out" / "APGD_worst.json").read_text())
+    assert result["meta"]["apgd_restart"] == "worst"
+    assert result["meta"]["ellipsoid_search"] == "host scalars"      # a CPU's default
+    assert result["individual_sharpness"][0]["l2_0.5"]["projection_gap"] <= 1e-4
+
+
+def test_measure_sharpness_prints_one_note_for_a_saturated_setting(capsys):
+    member = {"linf_0.5": {"saturated_fraction": 1.0, "uniform_loss": float(np.log(10))},
+              "l2_0.05": {"saturated_fraction": 0.0, "uniform_loss": float(np.log(10))}}
+    for key in member:
+        measure_sharpness.saturation_note("APGD_worst", key, [member, member])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note: linf_0.5 is saturated") and "2.303" in lines[0]
+
+
+# ---------------------------------------------------------- --skip_finished
+def test_measurement_is_skipped_only_for_the_same_arguments_and_files(finished_sb_run, tmp_path, capsys):
+    run = shutil.copytree(finished_sb_run, tmp_path / "run")
+    common = ["--dataset", "digits", "--data_path", str(tmp_path / "ds"), "--resume", str(run), "--mode", "fisher",
+              "--batch-num", "2", "--device", "cpu", "--save", str(tmp_path / "out"), "--skip_finished"]
+    result = tmp_path / "out" / "fisher.json"
+
+    def measured(*extra):
+        capsys.readouterr()
+        measure_sharpness.main(common + list(extra))
+        out = capsys.readouterr().out
+        assert ("wrote " in out) != ("skip measuring fisher" in out), out
+        return "wrote " in out
+    assert measured()
+    assert (tmp_path / "out" / "fisher.key.json").is_file()
+    assert not measured()                    # the same command, the same files
+    assert measured("--batch-num", "3")      # another setting
+    assert json.loads(result.read_text())["meta"]["batch_num"] == 3
+    assert not measured("--batch-num", "3")
+    best = run / "seed_17" / "model_best.pth.tar"
+    os.utime(best, ns=(os.stat(best).st_atime_ns, os.stat(best).st_mtime_ns + 10 ** 9))  # a member file rewritten
+    assert measured("--batch-num", "3")
+    os.remove(tmp_path / "out" / "fisher.key.json")  # a result from before keys were written
+    assert measured("--batch-num", "3")
+    capsys.readouterr()
+    measure_sharpness.main([a for a in common if a != "--skip_finished"] + ["--batch-num", "3"])  # FORCE=1
+    assert "wrote " in capsys.readouterr().out

@@ -1,8 +1,8 @@
-"""SharpBalance's partition rules (training/partition.py, against hand-worked sets and a brute-force
-set computation) and the per-sample squared gradient norms (training/scores.py), backends vmap and
-hooks, against one backward pass per sample."""
-import itertools
-import math
+"""The per-sample squared gradient norms (training/scores.py), SharpBalance's scores and the fisher
+sharpness: both backends (torch.func's vmap and the hooks) against one plain backward pass per
+sample, layer by layer and on whole networks; the hooks' fallbacks; the backend check the trainer
+runs before the first epoch (``check_score_backend``); scores of a fast-path model; one host read
+per scoring pass. (How the trainer acts on the check is in tests/test_trainer.py.)"""
 import warnings
 
 import numpy as np
@@ -11,151 +11,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import training.scores
+from data.arrays import BatchLoader
+from models import create_model
+from tests.fixtures import random_image_dataset, resnet_sam_member
+from tests.host_reads import count_host_reads
 from tests.references import loop_squared_grad_norms
-from training.scores import squared_grad_norms
-from training.partition import build_sam_masks, random_sam_masks, resolve_split_rule, sam_masks, selected_sets
-from utils.errors import UserError
-
-
-def as_set(mask_row):
-    return set(np.flatnonzero(mask_row).tolist())
-
-
-# --------------------------------------------------------------------------- worked example
-
-WORKED_LOW_SETS = [{2, 3, 4, 5, 6, 7}, {0, 2, 4, 6, 7, 10}, {2, 3, 4, 6, 7, 11}]
-
-
-def worked_scores():
-    """Scores whose 6 lowest per member are exactly the worked example's L_0, L_1, L_2 (N=12)."""
-    rng = np.random.RandomState(5)
-    scores = np.zeros((3, 12))
-    for j, low in enumerate(WORKED_LOW_SETS):
-        for k in range(12):
-            scores[j, k] = rng.uniform(0, 1) if k in low else rng.uniform(2, 3)
-    return scores
-
-
-def test_worked_example_low_sets():
-    low = selected_sets(worked_scores(), 0.5)
-    assert [as_set(row) for row in low] == WORKED_LOW_SETS
-
-
-def test_worked_example_share():
-    masks = sam_masks(worked_scores(), 0.5, rule="share")
-    # A = {1, 8, 9}: A_0 = [1], A_1 = [8], A_2 = [9].
-    assert as_set(masks[0]) == {0, 2, 3, 4, 6, 7, 10, 11} | {1}
-    assert as_set(masks[1]) == ({2, 3, 4, 5, 6, 7} | {2, 3, 4, 6, 7, 11}) | {8}
-    assert as_set(masks[2]) == ({2, 3, 4, 5, 6, 7} | {0, 2, 4, 6, 7, 10}) | {9}
-
-
-def test_worked_example_boost():
-    masks = sam_masks(worked_scores(), 0.5, rule="boost")
-    assert as_set(masks[0]) == {0, 2, 3, 4, 6, 7, 10, 11} | {8, 9}
-    assert as_set(masks[1]) == {2, 3, 4, 5, 6, 7, 11} | {1, 9}
-    assert as_set(masks[2]) == {0, 2, 3, 4, 5, 6, 7, 10} | {1, 8}
-
-
-def test_worked_example_through_build_and_auto_rule():
-    scores = worked_scores()
-    assert np.array_equal(build_sam_masks(scores, 0.5, dataset="cifar10"),
-                          sam_masks(scores, 0.5, rule="boost"))
-    assert np.array_equal(build_sam_masks(scores, 0.5, dataset="cifar100"),
-                          sam_masks(scores, 0.5, rule="share"))
-    assert np.array_equal(build_sam_masks(torch.tensor(scores), 0.5, split_rule="share", dataset="cifar10"),
-                          sam_masks(scores, 0.5, rule="share"))
-
-
-# --------------------------------------------------------------------------- brute force
-
-def brute_force_masks(scores, flat_ratio, rule, select):
-    m, n = scores.shape
-    k = math.floor(flat_ratio * n)
-    low_sets = []
-    for j in range(m):
-        ascending = sorted(range(n), key=lambda idx: (scores[j, idx], idx))  # stable ascending
-        low_sets.append(set(ascending[:k]) if select == "flattest" else set(ascending[n - k:]))
-    everybody = set().union(*low_sets)
-    leftovers = sorted(set(range(n)) - everybody)
-    result = []
-    for i in range(m):
-        others = set().union(*(low_sets[j] for j in range(m) if j != i))
-        own = set(leftovers[i::m])
-        result.append(others | own if rule == "share" else others | (set(leftovers) - own))
-    return low_sets, result
-
-
-@pytest.mark.parametrize("select", ["flattest", "sharpest"])
-@pytest.mark.parametrize("rule", ["share", "boost"])
-def test_split_matches_brute_force(select, rule):
-    rng = np.random.RandomState(0)
-    for m, n, ratio in itertools.product([1, 2, 3, 5], [1, 7, 40], [0.0, 0.3, 0.5, 0.77, 0.99]):
-        for tied in (False, True):
-            # Integer scores make many ties, which checks the stable tie order too.
-            scores = rng.randint(0, 4, size=(m, n)).astype(float) if tied else rng.rand(m, n)
-            low_sets, expected = brute_force_masks(scores, ratio, rule, select)
-            low = selected_sets(scores, ratio, select=select)
-            got = sam_masks(scores, ratio, rule=rule, select=select)
-            assert [as_set(row) for row in low] == low_sets, (m, n, ratio, tied)
-            assert [as_set(row) for row in got] == expected, (m, n, ratio, tied)
-            assert got.dtype == bool and got.shape == (m, n)
-
-
-def test_sam_fraction_in_expected_range():
-    scores = np.random.RandomState(1).rand(3, 3000)
-    share = sam_masks(scores, 0.5, rule="share").mean(axis=1)
-    boost = sam_masks(scores, 0.5, rule="boost").mean(axis=1)
-    # Independent random scores: P(in U_-i) = 3/4, leftovers = 1/8 of the data.
-    assert np.all((share > 0.67) & (share < 0.9))
-    assert np.all(np.abs(boost - (0.75 + 0.125 * 2 / 3)) < 0.03)
-
-
-def test_split_validation():
-    scores = np.random.rand(3, 10)
-    with pytest.raises(UserError):
-        sam_masks(scores, 1.5)
-    with pytest.raises(UserError):
-        sam_masks(scores, 0.5, rule="other")
-    with pytest.raises(UserError):
-        selected_sets(scores, 0.5, select="middle")
-    with pytest.raises(ValueError):
-        selected_sets(np.full((3, 10), np.nan), 0.5)
-    with pytest.raises(ValueError):
-        selected_sets(np.random.rand(10), 0.5)
-    assert resolve_split_rule("auto", "CIFAR10") == "boost"
-    assert resolve_split_rule("auto", "tiny_imgnet") == "share"
-    assert resolve_split_rule("share", "cifar10") == "share"
-    with pytest.raises(UserError):
-        resolve_split_rule("nope", "cifar10")
-
-
-# --------------------------------------------------------------------------- random / same
-
-def test_random_masks_sizes_and_reproducibility():
-    n, ratio, seeds = 101, 0.3, [13, 17, 27]
-    masks = random_sam_masks(n, ratio, seeds)
-    num_normal = math.floor((1 - ratio) * n)
-    assert masks.shape == (3, n) and masks.dtype == bool
-    assert np.all((~masks).sum(axis=1) == num_normal)
-    assert not np.array_equal(masks[0], masks[1])
-    # Member i depends only on its own seed.
-    assert np.array_equal(random_sam_masks(n, ratio, [17])[0], masks[1])
-    expected_normal = np.random.RandomState(27).choice(np.arange(n), num_normal, replace=False)
-    assert as_set(~masks[2]) == set(expected_normal.tolist())
-
-
-def test_same_masks_identical_across_members():
-    n, ratio = 64, 0.5
-    masks = random_sam_masks(n, ratio, [13, 17, 27], same=True)
-    assert np.array_equal(masks[0], masks[1]) and np.array_equal(masks[1], masks[2])
-    expected_normal = np.random.RandomState(0).choice(np.arange(n), n // 2, replace=False)
-    assert as_set(~masks[0]) == set(expected_normal.tolist())
-    built = build_sam_masks(np.zeros((3, n)), ratio, train_subset="same")
-    assert np.array_equal(built, masks)
-    built = build_sam_masks(np.zeros((3, n)), ratio, train_subset="random", seeds=[13, 17, 27])
-    assert np.array_equal(built, random_sam_masks(n, ratio, [13, 17, 27]))
-    with pytest.raises(ValueError):
-        build_sam_masks(np.zeros((3, n)), ratio, train_subset="random", seeds=[1])
+from training.accel import FastPath
+from training.scores import FP32_RTOL, TF32_RTOL, check_score_backend, squared_grad_norms, tf32_in_effect
 
 
 # --------------------------------------------------------------------------- squared gradient norms
@@ -251,7 +114,7 @@ def with_running_statistics(model, images):
 
 
 @pytest.mark.parametrize("backend", ["func", "hooks", "auto"])
-def test_backends_match_loop_on_bn_net(backend):
+def test_backends_match_the_loop_on_a_batchnorm_net(backend):
     torch.manual_seed(1)
     images, targets = torch.randn(23, 3, 6, 6), torch.randint(0, 5, (23,))
     model = bn_net_with_statistics(images)
@@ -311,7 +174,7 @@ def mixed_net():
         TokenHead(16, 5))
 
 
-def test_hooks_exact_on_layers_of_every_kind():
+def test_hooks_are_exact_on_layers_of_every_kind():
     torch.manual_seed(5)
     images, targets = torch.randn(13, 3, 6, 6), torch.randint(0, 5, (13,))
     model = with_running_statistics(mixed_net(), images)
@@ -353,8 +216,7 @@ def test_gram_and_materialised_forms_agree():
         torch.testing.assert_close(direct, expected, rtol=1e-5, atol=0)
 
 
-def test_hooks_on_resnet18_match_loop():
-    from models import create_model
+def test_hooks_on_resnet18_match_the_loop():
     torch.manual_seed(7)
     images, targets = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
     model = with_running_statistics(create_model("resnet18", 10, width=4), images)
@@ -422,7 +284,7 @@ def test_hooks_fall_back_where_they_cannot_be_exact():
         squared_grad_norms(model, loader_over(images, targets), "cpu", backend="hooks")
 
 
-def test_backend_validation_and_positional_signature():
+def test_an_unknown_backend_is_refused_and_the_trainers_call_works():
     torch.manual_seed(10)
     images, targets = torch.randn(5, 3, 6, 6), torch.randint(0, 5, (5,))
     model = bn_net_with_statistics(images)
@@ -435,7 +297,7 @@ def test_backend_validation_and_positional_signature():
 
 
 @pytest.mark.parametrize("shape", [(4, 3), (4, 3, 5), (4, 3, 2, 5)])
-def test_batchnorm_per_sample_gradients_in_eval_mode(shape):
+def test_batchnorm_per_sample_gradients_in_eval_mode_match_autograd(shape):
     from training.scores import _layer_grads, _layer_squared_norm
     torch.manual_seed(11)
     bn = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}[len(shape)](shape[1])
@@ -453,3 +315,127 @@ def test_batchnorm_per_sample_gradients_in_eval_mode(shape):
         torch.testing.assert_close(bias_grads[b], expected_b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(_layer_squared_norm("batchnorm", bn, x, g),
                                weight_grads.pow(2).sum(1) + bias_grads.pow(2).sum(1), rtol=1e-5, atol=0)
+
+
+# --------------------------------------------------------------------------- the backend check before training
+
+@pytest.fixture(scope="module")
+def batch():
+    """(images, targets): 9 random 8x8 samples over 5 classes."""
+    torch.manual_seed(8)
+    return torch.randn(9, 3, 8, 8), torch.randint(0, 5, (9,))
+
+
+def resnet(images):
+    """ResNet18 of width 4 over 5 classes with running statistics away from (0, 1)."""
+    torch.manual_seed(1)
+    return with_running_statistics(create_model("resnet18", 5, width=4), images)
+
+
+def test_check_chooses_the_backend_and_says_why(batch):
+    images, targets = batch
+    model = resnet(images)
+    for backend, expected in (("hooks", "hooks"), ("auto", "hooks"), ("func", "func")):
+        chosen = check_score_backend(model, loader_over(images, targets), "cpu", backend, chunk_size=4)
+        assert chosen == (expected, None)
+    wrong = WeightUsedOutsideForward()  # hooks would be wrong: only the check on data can tell
+    for backend in ("hooks", "auto"):
+        chosen, reason = check_score_backend(wrong, loader_over(images, targets), "cpu", backend)
+        assert chosen == "func" and reason.startswith("the hooks backend cannot score this model (checked on the "
+                                                      "first chunk): hooks gave ")
+    # BatchNorm on batch statistics in eval mode: hooks refused without data; asked for, one reason.
+    coupled = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+                            nn.Flatten(), nn.Linear(144, 5))
+    chosen, reason = check_score_backend(coupled, loader_over(images, targets), "cpu", "hooks")
+    assert chosen == "func" and "batch statistics" in reason
+    assert check_score_backend(coupled, loader_over(images, targets), "cpu", "auto") == ("func", None)
+
+
+def test_a_fallback_line_replaces_the_error(batch):
+    images, targets = batch
+    model = WeightUsedOutsideForward()
+    lines = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = squared_grad_norms(model, loader_over(images, targets), "cpu", backend="hooks", fallback=lines.append)
+    torch.testing.assert_close(scores, reference_scores(model, images, targets).float(), rtol=1e-4, atol=0)
+    assert len(lines) == 1 and "hooks gave" in lines[0] and lines[0].endswith("; scoring with torch.func")
+    with pytest.raises(RuntimeError, match="hooks backend"):  # without a fallback, as before
+        squared_grad_norms(model, loader_over(images, targets), "cpu", backend="hooks")
+
+
+def test_the_check_tolerance_follows_tf32(batch, monkeypatch):
+    """A disagreement of 5e-3 (what TF32 rounding can give) fails the fp32 tolerance, passes TF32's."""
+    images, targets = batch
+    model = resnet(images)
+    assert FP32_RTOL < 5e-3 < TF32_RTOL and not tf32_in_effect(torch.device("cpu"))
+    real_loop = training.scores._loop_squared_norms
+    monkeypatch.setattr(training.scores, "_loop_squared_norms", lambda *a: real_loop(*a) * (1 + 5e-3))
+    chosen, reason = check_score_backend(model, loader_over(images, targets), "cpu", "hooks")
+    assert chosen == "func" and "(relative tolerance 0.001)" in reason
+    monkeypatch.setattr(training.scores, "tf32_in_effect", lambda device: True)
+    assert check_score_backend(model, loader_over(images, targets), "cpu", "hooks") == ("hooks", None)
+
+
+def test_channels_last_weights_are_scored_on_a_contiguous_copy(batch):
+    images, targets = batch
+    model = resnet(images)
+    expected = squared_grad_norms(model, loader_over(images, targets), "cpu", backend="hooks")
+    # The layout alone (no channels_last convolution runs: the copy is contiguous).
+    model.to(memory_format=torch.channels_last)
+    weight = model.conv1.weight
+    assert not weight.is_contiguous()
+    assert torch.equal(squared_grad_norms(model, loader_over(images, targets), "cpu", backend="hooks"), expected)
+    assert model.conv1.weight is weight and not weight.is_contiguous()  # the model itself is left as it was
+
+
+# --------------------------------------------------------------------------- models and the fast path
+
+def test_per_sample_scores_cover_the_shortcut_scales():
+    # The hooks backend has no closed form for the scale layer: it hands those parameters to
+    # torch.func, so every backend still matches one backward pass per sample.
+    torch.manual_seed(1)
+    model = create_model("resnet18", 5, width=4, dataset="tiny_imgnet")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("shortcut.weight"):
+                p.uniform_(0.5, 1.5)
+    images, targets = torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,))
+    loader = [(images, targets, torch.arange(6))]
+    reference = loop_squared_grad_norms(model, loader, num_samples=6)
+    for backend in ("hooks", "auto"):
+        scores = squared_grad_norms(model, loader, torch.device("cpu"), chunk_size=4, num_samples=6,
+                                    backend=backend)
+        assert np.allclose(scores, reference, rtol=1e-4), backend
+
+
+def test_scores_ignore_the_fast_path(digits):
+    loader = BatchLoader(digits.train_eval, 64, "cpu", subset=np.arange(64))
+    scores = []
+    for amp in ("off", "bf16"):
+        torch.manual_seed(0)
+        model = FastPath(amp).prepare(create_model("resnet18", 10, width=4, dataset="digits"))
+        scores.append(squared_grad_norms(model, loader, "cpu", num_samples=64)[:64])
+        assert ("forward" in model.__dict__) == (amp == "bf16")  # restored after scoring
+    assert torch.equal(scores[0], scores[1])
+
+
+# --------------------------------------------------------------------------- host reads
+
+@pytest.mark.parametrize("backend", ["func", "hooks"])
+def test_scoring_reads_the_host_once_per_pass(backend):
+    """1 and 2 batches of 8 read the same: one copy of the scores per pass (tests/host_reads.py)."""
+    model, _ = resnet_sam_member()
+    dataset = random_image_dataset(16, augment=False)
+    counts = []
+    for steps in (1, 2):
+        data = BatchLoader(dataset, 8, "cpu", subset=np.arange(steps * 8))
+        with count_host_reads() as reads:
+            scores = squared_grad_norms(model, data, "cpu", chunk_size=4, backend=backend, num_samples=steps * 8)
+        counts.append(dict(reads.counts))
+        torch.testing.assert_close(scores, loop_squared_grad_norms(model, data, num_samples=steps * 8),
+                                   rtol=1e-4, atol=0)
+    # hooks: its one-time check of the first sample against a plain backward pass reads once more.
+    one_copy = {"_to_copy[to host]": 1}
+    expected = {**one_copy, "_local_scalar_dense": 1} if backend == "hooks" else one_copy
+    assert counts == [expected, expected], counts
