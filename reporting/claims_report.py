@@ -1,14 +1,16 @@
 """The claims' tables and figures, from the evidence files alone (results/claims/ or a run's copy).
 
     python -m reporting.claims_report --evidence results/claims --out runs/claims/report
+    python -m reporting.claims_report --evidence results/claims --write docs/claims.md
     python -m reporting.claims_report --evidence results/claims --check docs/claims.md
 
 Writes to --out: claims_tables.md (every table below), claims_primary.png (per claim: the paired
 differences per seed set, their mean and 95% t-interval, zero and the margin), claims_control.png (the
 same for the positive control, every setting tried). ``--decide`` prints the control's decision and
 exits 0 when a setting passed, 3 when none did (scripts/claims.sh --control stops at the first pass).
-``--check FILE`` compares the generated tables with the blocks between ``<!-- claims:NAME -->`` and
-``<!-- /claims:NAME -->`` in FILE and exits 1 naming the first block that differs.
+``--write FILE`` puts each table between the markers ``<!-- claims:NAME -->`` and
+``<!-- /claims:NAME -->`` in FILE (the rest of it is kept); ``--check FILE`` compares the blocks
+between those markers with the generated tables and exits 1 naming the first block that differs.
 
 Statistics: reporting/claims.py. The evidence: reporting/evidence.py.
 """
@@ -294,18 +296,38 @@ def render(evidence_dir, min_seed_sets=claims.MIN_SEED_SETS, draws=claims.BOOTST
     return blocks, analysis
 
 
+def _markers(name):
+    return f"<!-- claims:{name} -->\n", f"\n<!-- /claims:{name} -->"
+
+
 def check_document(blocks, path):
     """The first block whose text in ``path`` differs from the generated one (None: all equal)."""
     with open(path) as f:
         text = f.read()
     for name, generated in blocks.items():
-        start, end = f"<!-- claims:{name} -->\n", f"\n<!-- /claims:{name} -->"
+        start, end = _markers(name)
         if start not in text:
             continue
         found = text.split(start, 1)[1].split(end, 1)[0]
         if found != generated:
             return name
     return None
+
+
+def write_document(blocks, path):
+    """Replace the text between each block's markers in ``path`` with the generated block; the rest of
+    the file is kept as it is. A marker pair missing from the file is a UserError (nothing written)."""
+    with open(path) as f:
+        text = f.read()
+    for name, generated in blocks.items():
+        start, end = _markers(name)
+        if start not in text or end not in text.split(start, 1)[1]:
+            raise UserError(f"{path} has no '<!-- claims:{name} -->' ... '<!-- /claims:{name} -->' pair; add the "
+                            "markers where the table should go")
+        before, rest = text.split(start, 1)
+        text = before + start + generated + end + rest.split(end, 1)[1]
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def get_parser():
@@ -315,6 +337,8 @@ def get_parser():
     parser.add_argument("--decide", action="store_true",
                         help="print the positive control's decision; exit 0 when a setting passed, 3 when none")
     parser.add_argument("--check", default=None, help="a Markdown file whose claims blocks must equal the tables")
+    parser.add_argument("--write", default=None,
+                        help="a Markdown file whose claims blocks are replaced by the tables (docs/claims.md)")
     parser.add_argument("--min_seed_sets", type=int, default=claims.MIN_SEED_SETS,
                         help="fewer usable seed sets: a test is not testable")
     return parser
@@ -333,6 +357,9 @@ def main(argv=None):
         if analysis["primary"] is not None:
             plots.claims_figure(analysis["primary"], analysis["setting"], os.path.join(args.out, "claims_primary.png"))
         print(f"claims tables and figures written to {args.out}")
+    if args.write:
+        write_document(blocks, args.write)
+        print(f"claims tables written into {args.write}")
     if args.check:
         differs = check_document(blocks, args.check)
         if differs:

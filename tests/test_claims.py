@@ -17,6 +17,7 @@ from scipy import stats
 
 from reporting import claims, claims_report, evidence
 from reporting.results import ensemble_folder
+from utils.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T_975 = {2: 4.302653, 3: 3.182446, 4: 2.776445}  # t_{0.975, df} from a printed t table
@@ -375,6 +376,21 @@ def test_report_decides_and_writes_from_evidence_files(tmp_path, capsys):
     assert "control: no setting passed" in capsys.readouterr().out
     blocks, analysis = claims_report.render(folder, draws=100)
     assert "Caution: the positive control does not pass in the claims setting" in blocks["primary"]
+
+    # --write fills the markers of a page and keeps the rest; --check then finds it equal
+    page = tmp_path / "page.md"
+    page.write_text("".join(f"text {n}\n<!-- claims:{n} -->\nold\n<!-- /claims:{n} -->\n" for n in claims_report.BLOCKS)
+                    + "end\n")
+    assert claims_report.main(["--evidence", folder, "--write", str(page), "--check", str(page)]) in (0, None)
+    text = page.read_text()
+    assert "\nold\n" not in text and text.startswith("text settings\n") and text.endswith("end\n")
+    blocks, _ = claims_report.render(folder)  # the default bootstrap draws, as main() used
+    for n in claims_report.BLOCKS:
+        assert f"text {n}\n<!-- claims:{n} -->\n{blocks[n]}\n<!-- /claims:{n} -->\n" in text
+    page.write_text("<!-- claims:settings -->\nold\n")
+    with pytest.raises(UserError, match="no '<!-- claims:settings -->' ... '<!-- /claims:settings -->' pair"):
+        claims_report.write_document(blocks, str(page))
+    assert page.read_text() == "<!-- claims:settings -->\nold\n"
 
 
 # ------------------------------------------------------------------------------------- the committed evidence
