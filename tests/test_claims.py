@@ -465,8 +465,9 @@ def test_claims_end_to_end_toy(tmp_path):
     members = list(csv.DictReader(open(os.path.join(out, "evidence", "members.csv"), newline="")))
     assert {m["measured_epoch"] for m in members if m["checkpoint"] == "last"} == {"2"}
     assert {m["partition_epoch"] for m in members if m["method"] == "sharpbalance"} == {"1"}
-    for name in ("claims_primary.png", "claims_control.png"):
-        assert os.path.getsize(os.path.join(out, "report", name)) > 10_000
+    assert os.path.getsize(os.path.join(out, "report", "claims_primary.png")) > 10_000
+    with open(os.path.join(out, "report", "claims_control.png"), "rb") as f:  # no DE/SAM pair: a labelled blank
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
     # a result measured with other settings among them (here: 3 sharpness batches): refused, one line
     folder = os.path.join(out, "e2_w4_rho0.2", "results", "digits", "sharpbalance", "seeds_113_117_127")
