@@ -330,14 +330,15 @@ def control_comparisons():
     ]
 
 
-def control(rows, min_seed_sets=MIN_SEED_SETS):
+def control(rows, min_seed_sets=MIN_SEED_SETS, checkpoint="best"):
     """Every control setting in ``rows`` (a (epochs, width, SAM rho) with Deep Ensemble and DE + SAM
-    ensembles, best checkpoints), in the order tried, with its three comparisons and whether it passes."""
+    ensembles of ``checkpoint``: best, the pre-registered one, or last, exploratory), in the order
+    tried, with its three comparisons and whether it passes."""
     settings = sorted({(r["epochs"], r["width"], r["sam_rho"]) for r in rows
-                       if r["method"] == "sam" and r["checkpoint"] == "best"}, key=setting_order)
+                       if r["method"] == "sam" and r["checkpoint"] == checkpoint}, key=setting_order)
     results = []
     for epochs, width, rho in settings:
-        chosen = [r for r in setting_rows(rows, epochs, width, rho) if r["method"] in ("sam", "deep_ensemble")]
+        chosen = [r for r in setting_rows(rows, epochs, width, rho, checkpoint) if r["method"] in ("sam", "deep_ensemble")]
         comparisons = [evaluate(c, chosen) for c in control_comparisons()]
         criterion = comparisons[:2]
         enough = all(c["n"] >= min_seed_sets for c in criterion)

@@ -30,7 +30,7 @@ from reporting import evidence  # noqa: E402
 from reporting.results import method_label  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
 
-BLOCKS = ("settings", "control", "primary", "secondary", "sensitivity", "exploratory", "epochs")
+BLOCKS = ("settings", "control", "control_last", "primary", "secondary", "sensitivity", "exploratory", "epochs")
 NO_DECISION = 3  # --decide's exit status when no control setting passed
 
 
@@ -118,17 +118,17 @@ def settings_block(settings):
     return "\n".join(lines)
 
 
-def measured_epochs(members, epochs, width, method, rho=None):
-    """'median (min–max)' of the epochs of the model_best checkpoints measured for one method and setting."""
+def measured_epochs(members, epochs, width, method, rho=None, checkpoint="best"):
+    """'median (min–max)' of the epochs of the checkpoints measured for one method and setting."""
     found = sorted(m["measured_epoch"] for m in members
-                   if (m["epochs"], m["width"], m["method"], m["checkpoint"]) == (epochs, width, method, "best")
+                   if (m["epochs"], m["width"], m["method"], m["checkpoint"]) == (epochs, width, method, checkpoint)
                    and (rho is None or m["sam_rho"] == rho) and m["measured_epoch"] is not None)
     if not found:
         return "—"
     return f"{statistics.median(found):g} ({found[0]}–{found[-1]})"
 
 
-def control_block(control_results, chosen, members=()):
+def control_block(control_results, chosen, members=(), checkpoint="best"):
     head = ["| epochs | width | SAM ρ | n | worst case, radius 0.05: SAM / DE [95% CI] | k | p | Fisher trace: "
             "SAM / DE [95% CI] | k | p | radius 0.5 (not in the criterion) [95% CI] | k | passes | "
             "epoch measured, DE / SAM |",
@@ -142,8 +142,8 @@ def control_block(control_results, chosen, members=()):
         lines.append(f"| {c['epochs']} | {c['width']} | {c['rho']:g} | {worst['n']} | {fmt_estimate(worst)} | "
                      f"{direction(worst)} | {fmt_p(worst['p'])} | {fmt_estimate(fisher)} | {direction(fisher)} | "
                      f"{fmt_p(fisher['p'])} | {fmt_estimate(release)} | {direction(release)} | {passes} | "
-                     f"{measured_epochs(members, c['epochs'], c['width'], 'deep_ensemble')} / "
-                     f"{measured_epochs(members, c['epochs'], c['width'], 'sam', c['rho'])} |")
+                     f"{measured_epochs(members, c['epochs'], c['width'], 'deep_ensemble', None, checkpoint)} / "
+                     f"{measured_epochs(members, c['epochs'], c['width'], 'sam', c['rho'], checkpoint)} |")
     if not control_results:
         lines.append("| (no Deep Ensemble and DE + SAM pair found) |" + " |" * 13)
     lines += ["", "Ratios are geometric means over the seed sets of SAM / DE per seed set, as a change: −30% = SAM "
@@ -151,6 +151,17 @@ def control_block(control_results, chosen, members=()):
               "passes when both criterion intervals lie below 0%. Epoch measured: median (range) over the members "
               "of the epoch of the model_best checkpoint (best validation accuracy) that was measured."]
     return "\n".join(lines)
+
+
+def control_last_block(control_results, members):
+    """The control again on the last checkpoints (exploratory: not part of the decision)."""
+    if not control_results:
+        return ("Not measured: `bash scripts/claims.sh --control-last` measures the control's last checkpoints "
+                "(exploratory).")
+    table = control_block(control_results, None, members, checkpoint="last").split("\n\n")[0]
+    return "\n".join([table, "", "Exploratory, not part of the pre-registered decision: the same comparisons on "
+                       "each member's last checkpoint (checkpoint.pth.tar) instead of model_best; radius 0.5 "
+                       "is not measured there. Epoch measured: the last epoch trained."])
 
 
 def primary_table(results, selection):
@@ -234,7 +245,8 @@ def analyse(ensembles, members, min_seed_sets=claims.MIN_SEED_SETS, draws=claims
     control_results = claims.control(ensembles, min_seed_sets)
     chosen = claims.chosen_setting(control_results)
     setting = claims_setting(ensembles)
-    analysis = dict(control=control_results, chosen=chosen, setting=setting, primary=None, reason="")
+    analysis = dict(control=control_results, chosen=chosen, setting=setting, primary=None, reason="",
+                    control_last=claims.control(ensembles, min_seed_sets, checkpoint="last"))
     if setting is None:
         analysis["reason"] = ("no SharpBalance ensembles in the evidence: the claims run has not been made"
                               + ("" if chosen else " (no control setting passed)"))
@@ -272,11 +284,12 @@ def render(evidence_dir, min_seed_sets=claims.MIN_SEED_SETS, draws=claims.BOOTST
     with open(path) as f:
         settings = json.load(f)
     analysis = analyse(ensembles, members, min_seed_sets, draws)
-    blocks = {"settings": settings_block(settings), "control": control_block(analysis["control"], analysis["chosen"], members)}
+    blocks = {"settings": settings_block(settings), "control": control_block(analysis["control"], analysis["chosen"], members),
+              "control_last": control_last_block(analysis["control_last"], members)}
     primary = analysis["primary"]
     if primary is None:
         missing = f"Not run: {analysis['reason']}."
-        for name in BLOCKS[2:]:
+        for name in BLOCKS[BLOCKS.index("primary"):]:
             blocks[name] = missing
         return blocks, analysis
     epochs, width, rho = analysis["setting"]

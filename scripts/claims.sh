@@ -5,6 +5,8 @@
 #   bash scripts/claims.sh --control   # 1. positive control: is SAM flatter than SGD here? Deep Ensemble and
 #                                      #    DE + SAM in each (epochs, width) cell of the grid, SAM rho 0.2 and
 #                                      #    0.05, in order; stops at the first cell where a setting passes
+#   bash scripts/claims.sh --control-last  # exploratory, after 1: the control's runs at SAM rho $RHO measured
+#                                      #    again on their last checkpoints instead of model_best
 #   bash scripts/claims.sh             # 2. the claims, in the setting the control chose: adds SharpBalance
 #                                      #    (released --select flattest, and the paper's --select sharpest),
 #                                      #    measures the last checkpoints too, writes the tables and figures
@@ -36,8 +38,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/train/_common.sh"
 mode=claims
 case "${1:-}" in
     --control) mode=control ;;
+    --control-last) mode=control_last ;;
     "") ;;
-    *) die "unknown argument '$1': use --control for the positive control, or no argument for the claims run" ;;
+    *) die "unknown argument '$1': use --control for the positive control, --control-last for its last checkpoints, or no argument for the claims run" ;;
 esac
 (($# <= 1)) || die "one argument at most (--control), got $#"
 
@@ -101,6 +104,19 @@ run_setting() {
         INITIAL_EPOCHS="$("$PY" -m reporting.claims initial-epochs "$epochs")" "$REPO/scripts/figure7.sh"
 }
 
+# measure_last EPOCHS WIDTH RHO METHODS MODES: one setting's finished runs (linked, nothing trained)
+# measured again on their last checkpoints, worst-case sharpness at radius 0.05 only, in <setting>/last/.
+measure_last() {
+    local last
+    last="$(setting_dir "$1" "$2" "$3")/last"
+    mkdir -p "$last"
+    [[ -e "$last/runs" ]] || ln -s ../runs "$last/runs"
+    CHECKPOINT=last OUT="$last" EPOCHS="$1" WIDTH="$2" RHO="$3" METHODS="$4" \
+        INITIAL_EPOCHS="$("$PY" -m reporting.claims initial-epochs "$1")" SHARPNESS_MODES="$5" \
+        SHARPNESS_EXTRA="--batch-num $SHARPNESS_BATCHES --norm l2 --rho 0.05 $SHARPNESS_FLAGS" \
+        "$REPO/scripts/figure7.sh"
+}
+
 report() {
     "$PY" -m reporting.evidence --runs "$OUT" --out "$OUT/evidence"
     "$PY" -m reporting.claims_report --evidence "$OUT/evidence" --out "$OUT/report" --min_seed_sets "$MIN_SEED_SETS" "$@"
@@ -126,6 +142,25 @@ if [[ "$mode" == control ]]; then
     exit 0
 fi
 
+if [[ "$mode" == control_last ]]; then
+    # Exploratory, chosen after the control's results were seen: were the members measured too early?
+    # model_best is often a mid-training epoch; the last checkpoint is where SAM has acted longest.
+    mapfile -t cells < <("$PY" -m reporting.claims cells)
+    found=0
+    for cell in "${cells[@]}"; do
+        read -r epochs width <<<"$cell"
+        [[ -d "$(setting_dir "$epochs" "$width" "$RHO")/runs/digits/sam" ]] || continue
+        found=1
+        say "control, last checkpoints: $epochs epochs, width $width, SAM rho $RHO"
+        measure_last "$epochs" "$width" "$RHO" "deep_ensemble sam" APGD_worst,fisher ||
+            die "steps failed in $(setting_dir "$epochs" "$width" "$RHO")/last (its logs/ say which); rerun to resume"
+    done
+    ((found)) || die "no control setting with SAM rho $RHO is trained in $OUT: run bash scripts/claims.sh --control first"
+    report
+    say "control on the last checkpoints finished in $((SECONDS - start))s; tables: $OUT/report/claims_tables.md"
+    exit 0
+fi
+
 [[ "$EPOCHS" =~ ^[0-9]+$ && "$WIDTH" =~ ^[0-9]+$ ]] || die "EPOCHS and WIDTH must be whole numbers, got '$EPOCHS', '$WIDTH'"
 ((EPOCHS >= 2)) || die "EPOCHS=$EPOCHS: SharpBalance needs at least 2 epochs for a phase of its own"
 rc=0
@@ -136,13 +171,7 @@ read -r -a method_array <<<"$METHODS"
 last_methods=()
 for method in "${method_array[@]}"; do [[ "$method" == deep_ensemble ]] || last_methods+=("$method"); done
 if ((${#last_methods[@]})); then
-    last="$(setting_dir "$EPOCHS" "$WIDTH" "$RHO")/last"
-    mkdir -p "$last"
-    [[ -e "$last/runs" ]] || ln -s ../runs "$last/runs"
-    CHECKPOINT=last OUT="$last" EPOCHS="$EPOCHS" WIDTH="$WIDTH" RHO="$RHO" METHODS="${last_methods[*]}" \
-        INITIAL_EPOCHS="$("$PY" -m reporting.claims initial-epochs "$EPOCHS")" SHARPNESS_MODES=APGD_worst \
-        SHARPNESS_EXTRA="--batch-num $SHARPNESS_BATCHES --norm l2 --rho 0.05 $SHARPNESS_FLAGS" \
-        "$REPO/scripts/figure7.sh" || rc=$?
+    measure_last "$EPOCHS" "$WIDTH" "$RHO" "${last_methods[*]}" APGD_worst || rc=$?
 fi
 report || rc=$?
 say "claims finished in $((SECONDS - start))s (exit $rc)"

@@ -363,6 +363,7 @@ def test_report_decides_and_writes_from_evidence_files(tmp_path, capsys):
     assert "| 20 | 8 | 0.2 | 12 |" in tables and "**yes** (chosen)" in tables
     assert "SharpBalance: 12 of 12 members measured at or before the partition" in tables
     assert "| **yes** (chosen) | 10 (10–10) / 10 (10–10) |" in tables
+    assert "Not measured: `bash scripts/claims.sh --control-last`" in tables
     # the epoch column: median and range, worked by hand for five members of one method
     odd = [dict(m, measured_epoch=e) for m, e in zip((m for m in members if m["method"] == "sam"), (4, 9, 7, 20, 11))]
     assert claims_report.measured_epochs(odd, 20, 8, "sam", 0.2) == "9 (4–20)"
@@ -376,6 +377,20 @@ def test_report_decides_and_writes_from_evidence_files(tmp_path, capsys):
     assert "control: no setting passed" in capsys.readouterr().out
     blocks, analysis = claims_report.render(folder, draws=100)
     assert "Caution: the positive control does not pass in the claims setting" in blocks["primary"]
+
+    # the control on last checkpoints (exploratory): its own block, never the decision
+    last = [dict(r, checkpoint="last") for r in flat if r["method"] in ("deep_ensemble", "sam")]
+    de = {r["seed_set"]: r for r in last if r["method"] == "deep_ensemble"}  # SAM exactly half of DE's, per seed set
+    last = [dict(r, **{"sharpness_0.05": de[r["seed_set"]]["sharpness_0.05"] * 0.5,
+                       "fisher": de[r["seed_set"]]["fisher"] * 0.5}) if r["method"] == "sam" else r for r in last]
+    last_members = [dict(m, checkpoint="last", measured_epoch=20) for m in members if m["method"] != "sharpbalance"]
+    evidence.write(folder, flat + last, members + last_members, settings)
+    blocks, analysis = claims_report.render(folder, draws=100)
+    assert [c["passed"] for c in analysis["control_last"]] == [True] and analysis["chosen"] is None
+    assert "| 20 | 8 | 0.2 | 12 | -50.0% [-50.0%, -50.0%] | 12 of 12 |" in blocks["control_last"]
+    assert "| **yes** | 20 (20–20) / 20 (20–20) |" in blocks["control_last"]
+    assert "Exploratory, not part of the pre-registered decision" in blocks["control_last"]
+    assert "**yes**" not in blocks["control"]
 
     # --write fills the markers of a page and keeps the rest; --check then finds it equal
     page = tmp_path / "page.md"
@@ -437,6 +452,8 @@ def test_claims_refuses_bad_input_with_one_line(tmp_path):
         assert not os.path.exists(tmp_path / "claims" / "data")
     log = run_claims(dict(OUT=str(tmp_path / "claims")), "--controls", returncode=1)
     assert "unknown argument '--controls'" in log
+    log = run_claims(dict(OUT=str(tmp_path / "claims")), "--control-last", returncode=1)
+    assert log.startswith("error: no control setting with SAM rho 0.2 is trained in") and len(log.splitlines()) == 1
 
 
 def test_claims_end_to_end_toy(tmp_path):
