@@ -328,17 +328,17 @@ def check_document(blocks, path):
 
 
 def write_document(blocks, path):
-    """Replace the text between each block's markers in ``path`` with the generated block; the rest of
-    the file is kept as it is. A marker pair missing from the file is a UserError (nothing written)."""
+    """Replace the text between each block's markers in ``path`` with the generated block (an empty
+    pair of markers is filled too); the rest of the file is kept as it is. A marker pair missing from
+    the file is a UserError (nothing written)."""
     with open(path) as f:
         text = f.read()
     for name, generated in blocks.items():
-        start, end = _markers(name)
-        if start not in text or end not in text.split(start, 1)[1]:
-            raise UserError(f"{path} has no '<!-- claims:{name} -->' ... '<!-- /claims:{name} -->' pair; add the "
-                            "markers where the table should go")
-        before, rest = text.split(start, 1)
-        text = before + start + generated + end + rest.split(end, 1)[1]
+        start, end = (marker.strip("\n") for marker in _markers(name))
+        head, found, rest = text.partition(start)
+        if not found or end not in rest:
+            raise UserError(f"{path} has no '{start}' ... '{end}' pair; add the markers where the table should go")
+        text = head + start + "\n" + generated + "\n" + end + rest.split(end, 1)[1]
     with open(path, "w") as f:
         f.write(text)
 

@@ -394,8 +394,9 @@ def test_report_decides_and_writes_from_evidence_files(tmp_path, capsys):
 
     # --write fills the markers of a page and keeps the rest; --check then finds it equal
     page = tmp_path / "page.md"
-    page.write_text("".join(f"text {n}\n<!-- claims:{n} -->\nold\n<!-- /claims:{n} -->\n" for n in claims_report.BLOCKS)
+    page.write_text("".join(f"text {n}\n<!-- claims:{n} -->\nold\n<!-- /claims:{n} -->\n" for n in claims_report.BLOCKS[1:])
                     + "end\n")
+    page.write_text("text settings\n<!-- claims:settings -->\n<!-- /claims:settings -->\n" + page.read_text())  # empty
     assert claims_report.main(["--evidence", folder, "--write", str(page), "--check", str(page)]) in (0, None)
     text = page.read_text()
     assert "\nold\n" not in text and text.startswith("text settings\n") and text.endswith("end\n")
