@@ -39,6 +39,7 @@ import torch  # noqa: E402
 from data.arrays import BatchLoader, ImageArrayDataset  # noqa: E402
 from models import create_model  # noqa: E402
 from training.engine import train_one_epoch  # noqa: E402
+from utils.device import cpu_name  # noqa: E402
 from training.sam import SAM  # noqa: E402
 from training.scores import squared_grad_norms  # noqa: E402
 from training.partition import sam_masks  # noqa: E402
@@ -73,15 +74,7 @@ def pick_device(name):
 
 
 def machine_description(device):
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_name()
     info = {"cpu": cpu, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
     if device.type == "cuda":

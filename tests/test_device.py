@@ -116,3 +116,20 @@ def test_ranks_map_round_robin_onto_the_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert [select_device("cuda", local_rank=r).index for r in range(3)] == [0, 1, 0]
     assert [select_device("cuda:1", local_rank=r).index for r in range(3)] == [1, 1, 1]
+
+
+def test_cpu_name_reads_family_model_and_vector_width(tmp_path):
+    """cpu_name from hand-written /proc/cpuinfo excerpts: the first processor's fields only, the widest
+    vector extension named, the bare model name when the file has nothing else."""
+    from utils.device import cpu_name
+    block = ("processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: {model}\n"
+             "model name\t: AMD EPYC\nflags\t\t: fpu sse2 {flags}\n\n")
+    cases = (("avx avx2 avx512f avx512bw", "AMD EPYC (family 25, model 17, AVX-512)"),
+             ("avx avx2", "AMD EPYC (family 25, model 17, AVX2)"),
+             ("avx", "AMD EPYC (family 25, model 17, no AVX2)"))
+    for flags, expected in cases:
+        path = tmp_path / "cpuinfo"
+        path.write_text(block.format(n=0, model=17, flags=flags) + block.format(n=1, model=99, flags=""))
+        assert cpu_name(str(path)) == expected
+    path.write_text("model name\t: Intel(R) Xeon(R) Platinum 8480+\n")
+    assert cpu_name(str(path)) == "Intel(R) Xeon(R) Platinum 8480+"

@@ -1,6 +1,8 @@
 """Device selection (``auto`` picks cuda, then mps, then cpu; anything else is taken as given) and
-the process-wide cuDNN flags of ``--cudnn``."""
+the process-wide cuDNN flags of ``--cudnn``, and the processor's name for the records that say where a
+number was measured."""
 import os
+import platform
 
 import torch
 
@@ -106,3 +108,27 @@ def apply_cudnn(setting):
 def float64_on(device):
     """The widest float dtype ``device`` has: float64, or float32 on MPS (which has no float64)."""
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def cpu_name(cpuinfo="/proc/cpuinfo"):
+    """The processor, named closely enough to tell two machines apart: Linux's model name, and the
+    family, model and widest vector extension when present (virtual machines often report only
+    "AMD EPYC", and kernels differ between an AVX2 and an AVX-512 part); else what platform knows."""
+    fields = {}
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if not key and fields:  # the first processor's block is enough
+                    break
+                fields.setdefault(key, value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    details = [f"{key} {fields[label]}" for key, label in (("family", "cpu family"), ("model", "model"))
+               if fields.get(label)]
+    flags = fields.get("flags", "").split()
+    if flags:
+        details.append("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2")
+    return f"{name} ({', '.join(details)})" if details else name

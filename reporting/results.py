@@ -1,13 +1,14 @@
-"""Reading the measurement JSON files of many ensembles and turning them into tables (scripts/report.py).
+"""The results of many ensembles: reading their measurement JSON files, and the Figure 7 tables.
 
 Layout read (written by scripts/figure7.sh through scripts/measure/*.sh):
     <results>/<dataset>/<method>/<ensemble>/{predict,disagreement,variance_mse_c,APGD_worst}.json
     and, when measured (SHARPNESS_MODES=APGD_worst,fisher), fisher.json
 where <ensemble> is ``seeds_13_17_27`` etc. Every number kept per ensemble is listed in FIELDS;
 a missing file or key leaves NaN and adds one line to the list of missing inputs, never an error
-(fisher.json only counts as missing when asked for: scripts/report.py --claims needs it).
+(fisher.json only counts as missing when a caller requires it).
 Accuracies are in percent. Means and standard deviations (sample std, ddof = 1) are over ensembles.
 """
+import csv
 import json
 import math
 import os
@@ -57,6 +58,22 @@ OPTIONAL_FILES = ("fisher",)  # read when present; missing only when a caller re
 NAN = float("nan")
 
 
+def ensemble_folder(seeds):
+    """The folder of one ensemble's runs and results: "13 17 27", "13,17,27" or (13, 17, 27) ->
+    "seeds_13_17_27" (scripts/train/_common.sh seeds_tag writes the same names)."""
+    if isinstance(seeds, str):
+        seeds = seeds.replace(",", " ").split()
+    return "seeds_" + "_".join(str(s) for s in seeds)
+
+
+def folder_seeds(name):
+    """"seeds_13_17_27" -> (13, 17, 27); None when the name is not an ensemble folder."""
+    prefix, *seeds = name.split("_")
+    if prefix != "seeds" or not seeds or not all(s.isdigit() for s in seeds):
+        return None
+    return tuple(int(s) for s in seeds)
+
+
 def dataset_label(dataset, split="ID"):
     labels = DATASET_LABELS.get(dataset, (dataset, f"{dataset}-C"))
     return labels[0] if split == "ID" else labels[1]
@@ -66,7 +83,8 @@ def method_label(method):
     return METHOD_LABELS.get(method, method)
 
 
-def _dig(payload, keys):
+def dig(payload, *keys):
+    """payload[k1][k2]..., or None where a key is missing or a level is not a dict."""
     for key in keys:
         if not isinstance(payload, dict) or key not in payload:
             return None
@@ -74,13 +92,14 @@ def _dig(payload, keys):
     return payload
 
 
-def _number(value, scale=1.0):
+def finite_number(value, scale=1.0):
+    """A finite JSON number times scale, else NaN (missing, null, bool, inf)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value) * scale
     return NAN
 
 
-def sharpness_key(keys, wanted="auto"):
+def chosen_apgd_setting(keys, wanted="auto"):
     """The APGD setting shown (``l2_0.5`` ...): ``wanted`` if given, else the first l2 one, else the first."""
     keys = list(keys)
     if wanted != "auto":
@@ -110,19 +129,19 @@ def load_ensemble(directory, wanted_sharpness="auto", required=FILES):
     for field, (name, keys, scale) in FIELDS.items():
         if name not in payloads:
             continue
-        record[field] = _number(_dig(payloads[name], keys), scale)
+        record[field] = finite_number(dig(payloads[name], *keys), scale)
         if math.isnan(record[field]):
             missing.append(f"{os.path.join(directory, name + '.json')}: no finite value at {'/'.join(keys)}")
     if "predict" in payloads:
-        record["members"] = len(_dig(payloads["predict"], ("test", "individual_accuracy")) or []) or None
+        record["members"] = len(dig(payloads["predict"], "test", "individual_accuracy") or []) or None
     if "APGD_worst" in payloads:
         means = payloads["APGD_worst"].get("mean_sharpness") or {}
-        key = sharpness_key(means.keys(), wanted_sharpness)
+        key = chosen_apgd_setting(means.keys(), wanted_sharpness)
         if key is None:
             missing.append(f"{os.path.join(directory, 'APGD_worst.json')}: no sharpness setting "
                            f"'{wanted_sharpness}' (has {', '.join(means) or 'none'})")
         else:
-            record["sharpness"] = _number(means.get(key))
+            record["sharpness"] = finite_number(means.get(key))
             record["sharpness_setting"] = key
     return record, missing
 
@@ -217,6 +236,16 @@ def summarise_diversity(records, datasets, methods):
     return rows
 
 
+def write_csv(path, rows, fields=None):
+    """Rows (dicts) as CSV with the given columns (default: the first row's keys); NaN as an empty cell."""
+    fields = fields or (list(rows[0]) if rows else ["note"])
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
+
+
 def fmt(mean, std=NAN, digits=2):
     if not math.isfinite(mean):
         return "—"
@@ -228,7 +257,7 @@ def fmt_diff(value, digits=2):
     return f"{value:+.{digits}f}" if math.isfinite(value) else "—"
 
 
-def markdown(rows, diversity_rows, missing, n_expected=None):
+def tables_markdown(rows, diversity_rows, missing):
     """The Markdown report: accuracy table, sharpness/diversity table, missing inputs."""
     with_paper = any(math.isfinite(r["paper_ensemble_acc"]) for r in rows)
     lines = ["## Accuracy (%): ensemble and mean individual member, test set (ID) and corrupted test set (OOD)",
