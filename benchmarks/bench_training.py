@@ -39,10 +39,10 @@ import torch  # noqa: E402
 from data.arrays import BatchLoader, ImageArrayDataset  # noqa: E402
 from models import create_model  # noqa: E402
 from training.engine import train_one_epoch  # noqa: E402
-from utils.device import cpu_name  # noqa: E402
+from training.partition import sam_masks  # noqa: E402
 from training.sam import SAM  # noqa: E402
 from training.scores import squared_grad_norms  # noqa: E402
-from training.partition import sam_masks  # noqa: E402
+from utils.device import cpu_name  # noqa: E402
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -74,8 +74,7 @@ def pick_device(name):
 
 
 def machine_description(device):
-    cpu = cpu_name()
-    info = {"cpu": cpu, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    info = {"cpu": cpu_name(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -128,12 +128,12 @@ def measured_epochs(members, epochs, width, method, rho=None, checkpoint="best")
     return f"{statistics.median(found):g} ({found[0]}–{found[-1]})"
 
 
-def control_block(control_results, chosen, members=(), checkpoint="best"):
-    head = ["| epochs | width | SAM ρ | n | worst case, radius 0.05: SAM / DE [95% CI] | k | p | Fisher trace: "
-            "SAM / DE [95% CI] | k | p | radius 0.5 (not in the criterion) [95% CI] | k | passes | "
-            "epoch measured, DE / SAM |",
-            "| ---: | ---: | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: | --- | ---: | --- | --- |"]
-    lines = list(head)
+def control_table(control_results, chosen, members, checkpoint):
+    """The control's rows for the checkpoints of ``checkpoint`` (best or last), one per setting."""
+    lines = ["| epochs | width | SAM ρ | n | worst case, radius 0.05: SAM / DE [95% CI] | k | p | Fisher trace: "
+             "SAM / DE [95% CI] | k | p | radius 0.5 (not in the criterion) [95% CI] | k | passes | "
+             "epoch measured, DE / SAM |",
+             "| ---: | ---: | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: | --- | ---: | --- | --- |"]
     for c in control_results:
         worst, fisher, release = c["comparisons"]
         passes = "**yes**" if c["passed"] else ("no" if c["enough"] else f"no ({worst['n']} seed sets)")
@@ -146,11 +146,15 @@ def control_block(control_results, chosen, members=(), checkpoint="best"):
                      f"{measured_epochs(members, c['epochs'], c['width'], 'sam', c['rho'], checkpoint)} |")
     if not control_results:
         lines.append("| (no Deep Ensemble and DE + SAM pair found) |" + " |" * 13)
-    lines += ["", "Ratios are geometric means over the seed sets of SAM / DE per seed set, as a change: −30% = SAM "
-              "members 30% flatter. k = seed sets with SAM flatter. p = exact two-sided sign-flip p. A setting "
-              "passes when both criterion intervals lie below 0%. Epoch measured: median (range) over the members "
-              "of the epoch of the model_best checkpoint (best validation accuracy) that was measured."]
-    return "\n".join(lines)
+    return lines
+
+
+def control_block(control_results, chosen, members=()):
+    return "\n".join(control_table(control_results, chosen, members, "best") + [
+        "", "Ratios are geometric means over the seed sets of SAM / DE per seed set, as a change: −30% = SAM "
+        "members 30% flatter. k = seed sets with SAM flatter. p = exact two-sided sign-flip p. A setting "
+        "passes when both criterion intervals lie below 0%. Epoch measured: median (range) over the members "
+        "of the epoch of the model_best checkpoint (best validation accuracy) that was measured."])
 
 
 def control_last_block(control_results, members):
@@ -158,10 +162,10 @@ def control_last_block(control_results, members):
     if not control_results:
         return ("Not measured: `bash scripts/claims.sh --control-last` measures the control's last checkpoints "
                 "(exploratory).")
-    table = control_block(control_results, None, members, checkpoint="last").split("\n\n")[0]
-    return "\n".join([table, "", "Exploratory, not part of the pre-registered decision: the same comparisons on "
-                       "each member's last checkpoint (checkpoint.pth.tar) instead of model_best; radius 0.5 "
-                       "is not measured there. Epoch measured: the last epoch trained."])
+    return "\n".join(control_table(control_results, None, members, "last") + [
+        "", "Exploratory, not part of the pre-registered decision: the same comparisons on each member's last "
+        "checkpoint (checkpoint.pth.tar) instead of model_best; radius 0.5 is not measured there. Epoch "
+        "measured: the last epoch trained."])
 
 
 def primary_table(results, selection):

@@ -144,7 +144,7 @@ def read_ensemble(folder):
     if rp.folder_seeds(os.path.basename(folder)) not in (None, seeds):
         raise UserError(f"{folder}: the folder's seeds differ from its run's ({' '.join(map(str, seeds))})")
     members = predict_meta.get("members") or []
-    split = partition_epoch(Namespace(**args))
+    partition = partition_epoch(Namespace(**args))
     apgd = payloads["APGD_worst"]
     means = apgd.get("mean_sharpness") or {}
     for radius in (RADII[0],):
@@ -158,9 +158,9 @@ def read_ensemble(folder):
     row = dict(
         epochs=int(args["epochs"]), width=int(args["width"]), method=method,
         sam_rho=float(args["rho"]) if args.get("sam") else NAN,
-        flat_ratio=float(args["flat_ratio"]) if split is not None else NAN,
-        initial_epochs=int(args["initial_epochs"]) if split is not None else None,
-        select=args.get("select", "") if split is not None else "",
+        flat_ratio=float(args["flat_ratio"]) if partition is not None else NAN,
+        initial_epochs=int(args["initial_epochs"]) if partition is not None else None,
+        select=args.get("select", "") if partition is not None else "",
         seed_set=" ".join(map(str, seeds)), checkpoint=kind, members=len(members),
         incomplete="; ".join(map(str, predict_meta.get("incomplete_ensemble") or [])),
         measured_epochs=" ".join(str(m.get("epoch")) for m in members),
@@ -192,8 +192,8 @@ def read_ensemble(folder):
         epoch = member.get("epoch")
         entry = dict(epochs=row["epochs"], width=row["width"], method=method, sam_rho=row["sam_rho"],
                      seed_set=row["seed_set"], checkpoint=kind, seed=member.get("seed"), measured_epoch=epoch,
-                     trained_epochs=member.get("trained_epochs"), partition_epoch=split,
-                     before_partition="" if split is None else ("yes" if epoch is not None and epoch <= split else "no"),
+                     trained_epochs=member.get("trained_epochs"), partition_epoch=partition,
+                     before_partition="" if partition is None else ("yes" if epoch is not None and epoch <= partition else "no"),
                      fisher=rp.finite_number(fishers[i]) if i < len(fishers) else NAN,
                      acc_id=rp.finite_number(acc_id[i], 100.0) if i < len(acc_id) else NAN,
                      acc_ood=rp.finite_number(acc_ood[i], 100.0) if i < len(acc_ood) else NAN)

@@ -42,7 +42,7 @@ case "${1:-}" in
     "") ;;
     *) die "unknown argument '$1': use --control for the positive control, --control-last for its last checkpoints, or no argument for the claims run" ;;
 esac
-(($# <= 1)) || die "one argument at most (--control), got $#"
+(($# <= 1)) || die "one argument at most (--control or --control-last), got $#"
 
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # for python -m reporting.* from any directory
 export OUT="${OUT:-runs/claims}"

@@ -14,6 +14,15 @@ from tests.references import mean_loss, sgd_by_hand
 from training.steps import frozen_batchnorm_statistics, mixed_step, sgd_step, sub_batches
 
 
+def assert_step_outputs(loss_sum, correct, expected_loss_sum, expected_correct):
+    """A step returns device tensors, not Python numbers (reading them would make the host wait for the
+    step), holding the batch's summed loss and number correct before the update."""
+    assert isinstance(loss_sum, torch.Tensor) and loss_sum.shape == () and loss_sum.dtype == torch.float32
+    assert isinstance(correct, torch.Tensor) and correct.shape == () and correct.dtype == torch.int64
+    assert float(loss_sum) == pytest.approx(expected_loss_sum, rel=1e-5)
+    assert int(correct) == expected_correct
+
+
 def bn_net():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
@@ -58,10 +67,7 @@ def test_sgd_step_matches_hand_computation_and_returns_device_sums():
         expected_correct = int((logits.argmax(1) == targets).sum())
     loss_sum, correct = sgd_step(model, optimizer, images, targets)
     assert_params(model, expected)
-    assert isinstance(loss_sum, torch.Tensor) and loss_sum.shape == () and loss_sum.dtype == torch.float32
-    assert isinstance(correct, torch.Tensor) and correct.shape == () and correct.dtype == torch.int64
-    assert float(loss_sum) == pytest.approx(expected_loss_sum, rel=1e-5)
-    assert int(correct) == expected_correct
+    assert_step_outputs(loss_sum, correct, expected_loss_sum, expected_correct)
 
 
 def fp16_mlp():
@@ -200,11 +206,7 @@ def test_mixed_step_matches_hand_computation(mask_kind):
 
     loss_sum, correct = mixed_step(model, optimizer, images, targets, sam_mask)
     assert_params(model, expected)
-    # Device tensors, not Python numbers: reading them would make the host wait for the step.
-    assert isinstance(loss_sum, torch.Tensor) and loss_sum.shape == () and loss_sum.dtype == torch.float32
-    assert isinstance(correct, torch.Tensor) and correct.shape == () and correct.dtype == torch.int64
-    assert float(loss_sum) == pytest.approx(expected_loss_sum, rel=1e-5)
-    assert int(correct) == expected_correct
+    assert_step_outputs(loss_sum, correct, expected_loss_sum, expected_correct)
 
 
 def test_the_all_false_mask_is_the_plain_sgd_step():
