@@ -104,6 +104,17 @@ run_setting() {
         INITIAL_EPOCHS="$("$PY" -m reporting.claims initial-epochs "$epochs")" "$REPO/scripts/figure7.sh"
 }
 
+# deep_ensemble_rho EPOCHS WIDTH: the SAM rho in the name of the cell's setting folder that holds the
+# Deep Ensemble runs themselves (the other rho's folder links to them); nothing when none does.
+deep_ensemble_rho() {
+    local dir
+    for dir in "$OUT/e$1_w$2_rho"*; do
+        [[ -d "$dir/runs/digits/deep_ensemble" && ! -L "$dir/runs/digits/deep_ensemble" ]] || continue
+        echo "${dir##*_rho}"
+        return 0
+    done
+}
+
 # measure_last EPOCHS WIDTH RHO METHODS MODES: one setting's finished runs (linked, nothing trained)
 # measured again on their last checkpoints, worst-case sharpness at radius 0.05 only, in <setting>/last/.
 measure_last() {
@@ -152,8 +163,19 @@ if [[ "$mode" == control_last ]]; then
         [[ -d "$(setting_dir "$epochs" "$width" "$RHO")/runs/digits/sam" ]] || continue
         found=1
         say "control, last checkpoints: $epochs epochs, width $width, SAM rho $RHO"
-        measure_last "$epochs" "$width" "$RHO" "deep_ensemble sam" APGD_worst,fisher ||
-            die "steps failed in $(setting_dir "$epochs" "$width" "$RHO")/last (its logs/ say which); rerun to resume"
+        # The Deep Ensemble's last checkpoints are measured once, in the folder that holds its runs:
+        # measured again through the other rho's link, the evidence would hold each ensemble twice.
+        home="$(deep_ensemble_rho "$epochs" "$width")"
+        [[ -n "$home" ]] || die "no Deep Ensemble runs for $epochs epochs, width $width in $OUT: run bash scripts/claims.sh --control first"
+        if [[ "$home" == "$RHO" ]]; then
+            pairs=("$RHO:deep_ensemble sam")
+        else
+            pairs=("$home:deep_ensemble" "$RHO:sam")
+        fi
+        for pair in "${pairs[@]}"; do
+            measure_last "$epochs" "$width" "${pair%%:*}" "${pair#*:}" APGD_worst,fisher ||
+                die "steps failed in $(setting_dir "$epochs" "$width" "${pair%%:*}")/last (its logs/ say which); rerun to resume"
+        done
     done
     ((found)) || die "no control setting with SAM rho $RHO is trained in $OUT: run bash scripts/claims.sh --control first"
     report

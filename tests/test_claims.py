@@ -457,6 +457,44 @@ def test_claims_refuses_bad_input_with_one_line(tmp_path):
     assert log.startswith("error: no control setting with SAM rho 0.2 is trained in") and len(log.splitlines()) == 1
 
 
+def test_control_last_measures_each_deep_ensemble_once(tmp_path):
+    """--control-last at the second rho of a cell measures the Deep Ensemble's last checkpoints in the
+    folder that holds its runs, never again through that rho's link to them (the evidence would then
+    hold each of those ensembles twice and refuse the whole run). figure7.sh is replaced by a stub
+    that records what it is asked to measure; the report after it finds nothing and fails."""
+    repo = tmp_path / "repo"
+    (repo / "scripts" / "train").mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, "scripts", "claims.sh"), repo / "scripts")
+    shutil.copy(os.path.join(ROOT, "scripts", "train", "_common.sh"), repo / "scripts" / "train")
+    calls = tmp_path / "calls.txt"
+    stub = repo / "scripts" / "figure7.sh"
+    stub.write_text(f'#!/usr/bin/env bash\necho "$OUT|$METHODS|$CHECKPOINT" >> {calls}\n')
+    stub.chmod(0o755)
+    out = tmp_path / "claims"
+    home, other = out / "e20_w8_rho0.2", out / "e20_w8_rho0.05"
+    for setting in (home, other):
+        (setting / "runs" / "digits" / "sam").mkdir(parents=True)
+    (home / "runs" / "digits" / "deep_ensemble").mkdir()
+    os.symlink(home / "runs" / "digits" / "deep_ensemble", other / "runs" / "digits" / "deep_ensemble")
+
+    def control_last(rho):
+        calls.write_text("")
+        env = dict(os.environ, OUT=str(out), RHO=rho, PYTHONPATH=ROOT)
+        result = subprocess.run(["bash", str(repo / "scripts" / "claims.sh"), "--control-last"], env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0 and "no measured ensemble under" in result.stderr, result.stderr
+        return calls.read_text().splitlines()
+
+    assert control_last("0.05") == [f"{home}/last|deep_ensemble|last", f"{other}/last|sam|last"]
+    assert control_last("0.2") == [f"{home}/last|deep_ensemble sam|last"]
+    os.unlink(other / "runs" / "digits" / "deep_ensemble")
+    (home / "runs" / "digits" / "deep_ensemble").rmdir()
+    env = dict(os.environ, OUT=str(out), RHO="0.05", PYTHONPATH=ROOT)
+    result = subprocess.run(["bash", str(repo / "scripts" / "claims.sh"), "--control-last"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr.startswith("error: no Deep Ensemble runs for 20 epochs, width 8")
+
+
 def test_claims_end_to_end_toy(tmp_path):
     """Two seed sets, 2 epochs, width 4, SharpBalance only (the comparisons are exercised on fabricated
     files above; each step here is a process importing torch): training, measurement (also of the last
