@@ -79,19 +79,29 @@ start=$SECONDS
 # setting_dir EPOCHS WIDTH RHO: the figure7.sh output folder of one setting
 setting_dir() { echo "$OUT/e$1_w$2_rho$3"; }
 
+# deep_ensemble_rho EPOCHS WIDTH: the SAM rho in the name of the cell's setting folder that holds the
+# Deep Ensemble runs themselves (the other rho's folder links to them); nothing when none does.
+deep_ensemble_rho() {
+    local dir
+    for dir in "$OUT/e$1_w$2_rho"*; do
+        [[ -d "$dir/runs/digits/deep_ensemble" && ! -L "$dir/runs/digits/deep_ensemble" ]] || continue
+        echo "${dir##*_rho}"
+        return 0
+    done
+}
+
 # link_deep_ensemble EPOCHS WIDTH RHO: Deep Ensemble does not depend on SAM's rho; when another rho of
 # the same cell has it, link its runs and results here instead of training it again.
 link_deep_ensemble() {
-    local here other part
+    local here home part
     here="$(setting_dir "$@")"
-    for other in "$OUT/e$1_w$2_rho"*; do
-        [[ "$other" != "$here" && -d "$other/runs/digits/deep_ensemble" && ! -L "$other/runs/digits/deep_ensemble" ]] || continue
-        for part in runs results; do
-            [[ -e "$other/$part/digits/deep_ensemble" && ! -e "$here/$part/digits/deep_ensemble" ]] || continue
-            mkdir -p "$here/$part/digits"
-            ln -s "$(cd "$other/$part/digits" && pwd)/deep_ensemble" "$here/$part/digits/deep_ensemble"
-        done
-        return 0
+    home="$(deep_ensemble_rho "$1" "$2")"
+    [[ -n "$home" && "$home" != "$3" ]] || return 0
+    home="$(setting_dir "$1" "$2" "$home")"
+    for part in runs results; do
+        [[ -e "$home/$part/digits/deep_ensemble" && ! -e "$here/$part/digits/deep_ensemble" ]] || continue
+        mkdir -p "$here/$part/digits"
+        ln -s "$(cd "$home/$part/digits" && pwd)/deep_ensemble" "$here/$part/digits/deep_ensemble"
     done
 }
 
@@ -104,19 +114,8 @@ run_setting() {
         INITIAL_EPOCHS="$("$PY" -m reporting.claims initial-epochs "$epochs")" "$REPO/scripts/figure7.sh"
 }
 
-# deep_ensemble_rho EPOCHS WIDTH: the SAM rho in the name of the cell's setting folder that holds the
-# Deep Ensemble runs themselves (the other rho's folder links to them); nothing when none does.
-deep_ensemble_rho() {
-    local dir
-    for dir in "$OUT/e$1_w$2_rho"*; do
-        [[ -d "$dir/runs/digits/deep_ensemble" && ! -L "$dir/runs/digits/deep_ensemble" ]] || continue
-        echo "${dir##*_rho}"
-        return 0
-    done
-}
-
 # measure_last EPOCHS WIDTH RHO METHODS MODES: one setting's finished runs (linked, nothing trained)
-# measured again on their last checkpoints, worst-case sharpness at radius 0.05 only, in <setting>/last/.
+# measured again on their last checkpoints (sharpness MODES at radius 0.05 only), in <setting>/last/.
 measure_last() {
     local last
     last="$(setting_dir "$1" "$2" "$3")/last"

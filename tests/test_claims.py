@@ -457,42 +457,49 @@ def test_claims_refuses_bad_input_with_one_line(tmp_path):
     assert log.startswith("error: no control setting with SAM rho 0.2 is trained in") and len(log.splitlines()) == 1
 
 
-def test_control_last_measures_each_deep_ensemble_once(tmp_path):
-    """--control-last at the second rho of a cell measures the Deep Ensemble's last checkpoints in the
-    folder that holds its runs, never again through that rho's link to them (the evidence would then
-    hold each of those ensembles twice and refuse the whole run). figure7.sh is replaced by a stub
-    that records what it is asked to measure; the report after it finds nothing and fails."""
+def test_the_deep_ensemble_is_shared_between_rhos_and_measured_once(tmp_path):
+    """The control trains a cell's Deep Ensemble once: the second rho's folder links to its runs and
+    results. --control-last at that second rho measures the Deep Ensemble's last checkpoints in the
+    folder that holds its runs, never again through the link (the evidence would then hold each of
+    those ensembles twice and refuse the whole run). figure7.sh is replaced by a stub that records
+    what it is asked to do; the report after it finds nothing and fails."""
     repo = tmp_path / "repo"
     (repo / "scripts" / "train").mkdir(parents=True)
     shutil.copy(os.path.join(ROOT, "scripts", "claims.sh"), repo / "scripts")
     shutil.copy(os.path.join(ROOT, "scripts", "train", "_common.sh"), repo / "scripts" / "train")
     calls = tmp_path / "calls.txt"
     stub = repo / "scripts" / "figure7.sh"
-    stub.write_text(f'#!/usr/bin/env bash\necho "$OUT|$METHODS|$CHECKPOINT" >> {calls}\n')
+    stub.write_text(f'#!/usr/bin/env bash\necho "$OUT|$METHODS|${{CHECKPOINT:-best}}" >> {calls}\n')
     stub.chmod(0o755)
     out = tmp_path / "claims"
     home, other = out / "e20_w8_rho0.2", out / "e20_w8_rho0.05"
+    for part in ("runs", "results"):
+        (home / part / "digits" / "deep_ensemble").mkdir(parents=True)
     for setting in (home, other):
-        (setting / "runs" / "digits" / "sam").mkdir(parents=True)
-    (home / "runs" / "digits" / "deep_ensemble").mkdir()
-    os.symlink(home / "runs" / "digits" / "deep_ensemble", other / "runs" / "digits" / "deep_ensemble")
+        (setting / "runs" / "digits" / "sam").mkdir(parents=True, exist_ok=True)
 
-    def control_last(rho):
+    def claims_sh(argument, rho="0.2"):
         calls.write_text("")
         env = dict(os.environ, OUT=str(out), RHO=rho, PYTHONPATH=ROOT)
-        result = subprocess.run(["bash", str(repo / "scripts" / "claims.sh"), "--control-last"], env=env,
+        result = subprocess.run(["bash", str(repo / "scripts" / "claims.sh"), argument], env=env,
                                 capture_output=True, text=True, timeout=300)
-        assert result.returncode != 0 and "no measured ensemble under" in result.stderr, result.stderr
-        return calls.read_text().splitlines()
+        assert result.returncode != 0, result.stderr
+        return result.stderr, calls.read_text().splitlines()
 
-    assert control_last("0.05") == [f"{home}/last|deep_ensemble|last", f"{other}/last|sam|last"]
-    assert control_last("0.2") == [f"{home}/last|deep_ensemble sam|last"]
+    stderr, asked = claims_sh("--control")  # cell 1, both rhos; then the report fails
+    assert "no measured ensemble under" in stderr
+    assert asked == [f"{home}|deep_ensemble sam|best", f"{other}|deep_ensemble sam|best"]
+    for part in ("runs", "results"):
+        link = other / part / "digits" / "deep_ensemble"
+        assert os.path.islink(link) and os.path.realpath(link) == str(home / part / "digits" / "deep_ensemble")
+
+    assert claims_sh("--control-last", "0.05")[1] == [f"{home}/last|deep_ensemble|last", f"{other}/last|sam|last"]
+    assert claims_sh("--control-last", "0.2")[1] == [f"{home}/last|deep_ensemble sam|last"]
     os.unlink(other / "runs" / "digits" / "deep_ensemble")
     (home / "runs" / "digits" / "deep_ensemble").rmdir()
-    env = dict(os.environ, OUT=str(out), RHO="0.05", PYTHONPATH=ROOT)
-    result = subprocess.run(["bash", str(repo / "scripts" / "claims.sh"), "--control-last"], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1 and result.stderr.startswith("error: no Deep Ensemble runs for 20 epochs, width 8")
+    stderr, asked = claims_sh("--control-last", "0.05")
+    assert stderr.startswith("error: no Deep Ensemble runs for 20 epochs, width 8") and stderr.count("\n") == 1
+    assert asked == []
 
 
 def test_claims_end_to_end_toy(tmp_path):
